@@ -1,0 +1,1 @@
+//! Witness service configuration (see the witness crate).

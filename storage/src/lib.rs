@@ -1,0 +1,2 @@
+//! Virtual disk images.
+#![forbid(unsafe_code)]

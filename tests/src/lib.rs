@@ -1,0 +1,47 @@
+//! Helpers shared by ftvm's end-to-end tests and the `bench` binary: locating
+//! the built binaries, and writing benchmark tables into docs/BENCHMARKS.md.
+
+pub mod report;
+
+use std::path::PathBuf;
+
+/// The repository root (the workspace holding this crate).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate lives one level below the repository root")
+        .to_path_buf()
+}
+
+/// Path of a binary built by this workspace (`ftvm`, `ftvm-witness`) in the
+/// same profile as the running test or bench executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace` (or `cargo build --release --workspace` for bench)",
+        path.display()
+    );
+    path
+}
+
+/// True when `/dev/kvm` can be opened; otherwise prints a SKIPPED line with the reason.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIPPED {test}: /dev/kvm cannot be opened ({e})");
+            eprintln!("SKIPPED {test}: /dev/kvm cannot be opened ({e})");
+            false
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! The witness service and its client.
+#![forbid(unsafe_code)]
