@@ -43,9 +43,8 @@ fn main() {
     // settings, which the user chose for both builds.
     for (key, _) in env::vars_os() {
         let Some(key) = key.to_str() else { continue };
-        let keep = key == "CARGO_HOME"
-            || key.starts_with("CARGO_NET_")
-            || key.starts_with("CARGO_HTTP_");
+        let keep =
+            key == "CARGO_HOME" || key.starts_with("CARGO_NET_") || key.starts_with("CARGO_HTTP_");
         let drop = (key.starts_with("CARGO") && !keep)
             || key.starts_with("__CARGO")
             || matches!(
@@ -105,8 +104,8 @@ fn main_target_dir() -> PathBuf {
 /// Reruns this script when anything in guest/ changes, except build output.
 /// Directories are watched whole (cargo scans them for changed files).
 fn track_guest_sources(guest_dir: &Path) {
-    let entries = fs::read_dir(guest_dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", guest_dir.display()));
+    let entries =
+        fs::read_dir(guest_dir).unwrap_or_else(|e| panic!("reading {}: {e}", guest_dir.display()));
     for entry in entries.flatten() {
         if entry.file_name() == "target" {
             continue;

@@ -1,1 +1,5 @@
-fn main() {}
+//! `ftvm`: see `ftvm --help`.
+
+fn main() -> std::process::ExitCode {
+    ftvm_appliance::cli::main()
+}

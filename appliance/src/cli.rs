@@ -1,0 +1,244 @@
+//! The `ftvm` command line.
+
+use crate::devices::console::Console;
+use crate::machine::{Machine, MachineError, RunSummary};
+use crate::replay::digest::hex;
+use crate::replay::live::LiveWorld;
+use crate::replay::log::{LogReader, LogWriter};
+use crate::replay::recorder::{DigestSchedule, Recorder};
+use crate::replay::replayer::Replayer;
+use crate::vstate::vcpu::VcpuControl;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ftvm_config::appliance::{ApplianceConfig, ConsoleOutput};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "ftvm", version, about = "Fault-tolerant VM appliance")]
+pub struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one machine, no replication.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run one machine and record its execution log to a file.
+    Record {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        log: PathBuf,
+    },
+    /// Replay a recorded log and check the guest follows it exactly.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        log: PathBuf,
+        /// Where the replayed guest's console goes (stdout, log, none, or a file).
+        #[arg(long, default_value = "none")]
+        console: String,
+    },
+    /// The local demo: record the demo guest, then replay it.
+    Demo {
+        #[arg(long, default_value = "examples/demo.toml")]
+        config: PathBuf,
+        /// Directory for the demo's log file.
+        #[arg(long, default_value = "demo-out")]
+        dir: PathBuf,
+    },
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Entry point of the `ftvm` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ftvm: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dispatch(cmd: Command) -> Result<ExitCode> {
+    match cmd {
+        Command::Run { config } => run(&config),
+        Command::Record { config, log } => {
+            let cfg = ApplianceConfig::load(&config)?;
+            record(&cfg, &log)
+        }
+        Command::Replay {
+            config,
+            log,
+            console,
+        } => {
+            let mut cfg = ApplianceConfig::load(&config)?;
+            cfg.console.output = console_arg(&console);
+            Ok(replay(&cfg, &log))
+        }
+        Command::Demo { config, dir } => demo(&config, &dir),
+    }
+}
+
+fn console_arg(s: &str) -> ConsoleOutput {
+    match s {
+        "stdout" => ConsoleOutput::Stdout,
+        "log" => ConsoleOutput::Log,
+        "none" => ConsoleOutput::None,
+        path => ConsoleOutput::File(PathBuf::from(path)),
+    }
+}
+
+fn open_console(cfg: &ApplianceConfig) -> Result<Console> {
+    Console::open(&cfg.console.output).with_context(|| {
+        format!(
+            "{}: key `console.output`: cannot open {:?}",
+            cfg.source.display(),
+            cfg.console.output
+        )
+    })
+}
+
+fn outcome_exit_code(summary: &RunSummary) -> ExitCode {
+    use crate::replay::env::Outcome;
+    match summary.outcome {
+        Outcome::PowerOff { code } => ExitCode::from(code.clamp(0, 255) as u8),
+        Outcome::Stopped => ExitCode::SUCCESS,
+        _ => ExitCode::from(3),
+    }
+}
+
+fn report_outcome(summary: &RunSummary) {
+    if summary.outcome.is_clean() {
+        tracing::info!(exits = summary.exits, "machine {}", summary.outcome);
+    } else {
+        eprintln!("ftvm: {} (after exit {})", summary.outcome, summary.exits);
+    }
+}
+
+fn run(config: &Path) -> Result<ExitCode> {
+    let cfg = ApplianceConfig::load(config)?;
+    let mut machine = Machine::new(&cfg, open_console(&cfg)?)?;
+    let mut env = LiveWorld::new()?;
+    let summary = machine.run(&mut env, &VcpuControl::new())?;
+    report_outcome(&summary);
+    Ok(outcome_exit_code(&summary))
+}
+
+/// Records a run of `cfg` into `log`; prints `record: exits=<N> digest=<hex>`.
+pub fn record(cfg: &ApplianceConfig, log: &Path) -> Result<ExitCode> {
+    let mut machine = Machine::new(cfg, open_console(cfg)?)?;
+    let writer = LogWriter::create(log, &machine.log_header())?;
+    let schedule = DigestSchedule {
+        interval: cfg.replay.digest_interval,
+        full_every: cfg.replay.full_digest_every,
+    };
+    let mut rec = Recorder::new(LiveWorld::new()?, writer, schedule);
+    let summary = machine.run(&mut rec, &VcpuControl::new())?;
+    let (bytes, entries) = rec.log_stats();
+    report_outcome(&summary);
+    tracing::info!(log_bytes = bytes, entries, log = %log.display(), "log written");
+    println!(
+        "record: exits={} digest={}",
+        summary.exits,
+        hex(&summary.digest)
+    );
+    Ok(if summary.outcome.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+/// Replays `log` against `cfg`; prints `replay: OK ...` or `replay: DIVERGED ...`.
+pub fn replay(cfg: &ApplianceConfig, log: &Path) -> ExitCode {
+    match try_replay(cfg, log) {
+        Ok(summary) => {
+            println!(
+                "replay: OK exits={} digest={}",
+                summary.exits,
+                hex(&summary.digest)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(ReplayFailure::Diverged(ordinal, what)) => {
+            println!("replay: DIVERGED at exit {ordinal}: {what}");
+            ExitCode::from(2)
+        }
+        Err(ReplayFailure::Other(e)) => {
+            println!("replay: ERROR: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum ReplayFailure {
+    Diverged(u64, String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ReplayFailure {
+    fn from(e: anyhow::Error) -> Self {
+        ReplayFailure::Other(e)
+    }
+}
+
+fn try_replay(cfg: &ApplianceConfig, log: &Path) -> Result<RunSummary, ReplayFailure> {
+    let reader = LogReader::open(log).map_err(anyhow::Error::from)?;
+    let mut machine = Machine::new(cfg, open_console(cfg)?).map_err(anyhow::Error::from)?;
+    machine.check_log_header(&reader.header).map_err(|why| {
+        anyhow::anyhow!("log {} does not match this machine: {why}", log.display())
+    })?;
+    let mut replayer = Replayer::new(reader);
+    match machine.run(&mut replayer, &VcpuControl::new()) {
+        Ok(s) => Ok(s),
+        Err(e) => match e.divergence() {
+            Some((ordinal, what)) => Err(ReplayFailure::Diverged(ordinal, what.to_string())),
+            None => Err(ReplayFailure::Other(MachineError::into(e))),
+        },
+    }
+}
+
+fn demo(config: &Path, dir: &Path) -> Result<ExitCode> {
+    let cfg = ApplianceConfig::load(config)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = dir.join("demo.ftlog");
+    println!(
+        "== recording {} into {}",
+        cfg.machine.image.display(),
+        log.display()
+    );
+    let code = record(&cfg, &log)?;
+    if code != ExitCode::SUCCESS {
+        return Ok(code);
+    }
+    println!(
+        "== replaying {} (the guest's console is silent on replay)",
+        log.display()
+    );
+    Ok(replay(&cfg, &log))
+}

@@ -1,0 +1,56 @@
+//! Device models. They are the same code on primary and backup: anything
+//! non-deterministic they need comes from the `Environment` in the context.
+
+pub mod console;
+pub mod platform;
+pub mod serial;
+
+use crate::replay::env::{EnvError, Environment, Outcome};
+use crate::vstate::memory::GuestMemory;
+
+/// What a device sees while it handles an exit.
+pub struct ExitContext<'a> {
+    pub mem: &'a GuestMemory,
+    pub env: &'a mut dyn Environment,
+    pub ordinal: u64,
+}
+
+/// What the machine does after a device handled an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DeviceAction {
+    Continue,
+    /// The guest ended the machine (power-off, panic).
+    Stop(Outcome),
+    /// A CPL0 exception stub reported `vector`; the machine fills in the rest.
+    GuestException(u8),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    #[error("guest memory access at {addr:#x} failed: {source}")]
+    Memory {
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("console output failed: {0}")]
+    Console(#[source] std::io::Error),
+}
+
+/// A device on the port I/O bus.
+pub trait PioDevice: Send {
+    fn pio_read(
+        &mut self,
+        ctx: &mut ExitContext<'_>,
+        offset: u16,
+        data: &mut [u8],
+    ) -> Result<DeviceAction, DeviceError>;
+    fn pio_write(
+        &mut self,
+        ctx: &mut ExitContext<'_>,
+        offset: u16,
+        data: &[u8],
+    ) -> Result<DeviceAction, DeviceError>;
+}

@@ -1,0 +1,355 @@
+//! The machine: VM, vCPU, devices, and the exit loop that counts guest-caused
+//! exits (the exit ordinal, DESIGN.md section 2) and hands every exit to the
+//! environment before a device sees it.
+
+use crate::device_manager::{BusOverlap, PioBus};
+use crate::devices::console::Console;
+use crate::devices::platform::{self, Platform, PLATFORM_BASE, PLATFORM_LEN};
+use crate::devices::serial::{Com1, COM1_BASE, COM1_LEN};
+use crate::devices::{DeviceAction, DeviceError, ExitContext};
+use crate::loader::{GuestImage, ImageError, LoadedImage};
+use crate::replay::digest::{self, DigestError, PageRun};
+use crate::replay::env::{DigestDue, EnvError, Environment, ExitKind, ExitPoint, Outcome};
+use crate::replay::log::{LogHeader, LOG_FORMAT_VERSION};
+use crate::vstate::boot;
+use crate::vstate::layout::PAGE_SIZE;
+use crate::vstate::vcpu::{Checkpoint, Vcpu, VcpuControl, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+use ftvm_config::appliance::ApplianceConfig;
+use kvm_ioctls::VcpuExit;
+use vm_memory::{Bytes, GuestAddress};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("writing boot structures failed: {0}")]
+    Boot(#[source] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    #[error(transparent)]
+    Bus(#[from] BusOverlap),
+    #[error("KVM_RUN failed: {0}")]
+    Run(#[source] kvm_ioctls::Error),
+    #[error("KVM could not run the guest: {0}")]
+    Internal(String),
+}
+
+impl MachineError {
+    /// The divergence this error reports, if it is one.
+    pub fn divergence(&self) -> Option<(u64, &str)> {
+        match self {
+            MachineError::Env(EnvError::Diverged { ordinal, what })
+            | MachineError::Device(DeviceError::Env(EnvError::Diverged { ordinal, what })) => {
+                Some((*ordinal, what.as_str()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub outcome: Outcome,
+    /// Guest-caused exits.
+    pub exits: u64,
+    /// blake3 of the final registers and all of memory.
+    pub digest: [u8; 32],
+}
+
+pub struct Machine {
+    vm: Vm,
+    vcpu: Vcpu,
+    pio: PioBus,
+    image: GuestImage,
+    cmdline: String,
+    ordinal: u64,
+    pages: u64,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("image", &self.image.path)
+            .field("ordinal", &self.ordinal)
+            .finish()
+    }
+}
+
+fn le_value(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = data.len().min(8);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from_le_bytes(b)
+}
+
+impl Machine {
+    /// Builds the machine a config describes, ready to enter the guest.
+    pub fn new(cfg: &ApplianceConfig, console: Console) -> Result<Self, MachineError> {
+        let image = GuestImage::read(&cfg.machine.image)?;
+        let mem_size = cfg.machine.memory_mib << 20;
+        let vm = Vm::new(mem_size)?;
+        boot::write_boot_structures(&vm.mem).map_err(MachineError::Boot)?;
+        let loaded: LoadedImage = image.load(&vm.mem, mem_size)?;
+        platform::write_boot_info(&vm.mem, mem_size, &cfg.machine.cmdline, loaded.end)?;
+        let vcpu = Vcpu::new(&vm)?;
+        vcpu.setup_cpl3_entry(loaded.entry, mem_size - 16)?;
+
+        let mut pio = PioBus::default();
+        pio.register(COM1_BASE, COM1_LEN, Box::new(Com1::new(console.clone())))?;
+        pio.register(
+            PLATFORM_BASE,
+            PLATFORM_LEN,
+            Box::new(Platform::new(console, mem_size)),
+        )?;
+        // Setup writes are the same on both sides; digests cover execution only.
+        vm.take_dirty_bitmap()?;
+        let pages = mem_size / PAGE_SIZE;
+        Ok(Machine {
+            vm,
+            vcpu,
+            pio,
+            image,
+            cmdline: cfg.machine.cmdline.clone(),
+            ordinal: 0,
+            pages,
+        })
+    }
+
+    /// The header a log of this machine carries.
+    pub fn log_header(&self) -> LogHeader {
+        LogHeader {
+            format_version: LOG_FORMAT_VERSION,
+            image_hash: self.image.hash,
+            memory_size: self.vm.mem_size(),
+            cmdline: self.cmdline.clone(),
+        }
+    }
+
+    /// Checks that a log was recorded from this machine's image and settings.
+    pub fn check_log_header(&self, h: &LogHeader) -> Result<(), String> {
+        if h.image_hash != self.image.hash {
+            return Err(format!(
+                "the log was recorded with guest image {}, but {} is {}",
+                &digest::hex(&h.image_hash)[..16],
+                self.image.path.display(),
+                &digest::hex(&self.image.hash)[..16]
+            ));
+        }
+        if h.memory_size != self.vm.mem_size() {
+            return Err(format!(
+                "the log was recorded with {} MiB of memory, the config has {} MiB",
+                h.memory_size >> 20,
+                self.vm.mem_size() >> 20
+            ));
+        }
+        if h.cmdline != self.cmdline {
+            return Err(format!(
+                "the log was recorded with command line {:?}, the config has {:?}",
+                h.cmdline, self.cmdline
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn exits(&self) -> u64 {
+        self.ordinal
+    }
+
+    /// Runs the guest until it ends or `control` stops it.
+    pub fn run(
+        &mut self,
+        env: &mut dyn Environment,
+        control: &VcpuControl,
+    ) -> Result<RunSummary, MachineError> {
+        control.attach_current_thread()?;
+        let result = self.run_loop(env, control);
+        control.finish();
+        result
+    }
+
+    fn run_loop(
+        &mut self,
+        env: &mut dyn Environment,
+        control: &VcpuControl,
+    ) -> Result<RunSummary, MachineError> {
+        loop {
+            if control.checkpoint() == Checkpoint::Stop {
+                return Ok(RunSummary {
+                    outcome: Outcome::Stopped,
+                    exits: self.ordinal,
+                    digest: self.final_digest()?,
+                });
+            }
+            if let Some(outcome) = self.step(env)? {
+                let digest = self.final_digest()?;
+                env.finish(self.ordinal, &outcome, digest)?;
+                return Ok(RunSummary {
+                    outcome,
+                    exits: self.ordinal,
+                    digest,
+                });
+            }
+        }
+    }
+
+    /// Enters the guest once and handles the exit. `Some` when the machine ended.
+    fn step(&mut self, env: &mut dyn Environment) -> Result<Option<Outcome>, MachineError> {
+        let exit = match self.vcpu.fd.run() {
+            Ok(exit) => exit,
+            // A kick from the controller: host-caused, not counted.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(None),
+            Err(e) => return Err(MachineError::Run(e)),
+        };
+        let point = match &exit {
+            VcpuExit::IoOut(port, data) => ExitPoint {
+                kind: ExitKind::PioOut,
+                addr: u64::from(*port),
+                size: data.len() as u8,
+                value: le_value(data),
+            },
+            VcpuExit::IoIn(port, data) => ExitPoint {
+                kind: ExitKind::PioIn,
+                addr: u64::from(*port),
+                size: data.len() as u8,
+                value: 0,
+            },
+            VcpuExit::MmioWrite(addr, data) => ExitPoint {
+                kind: ExitKind::MmioWrite,
+                addr: *addr,
+                size: data.len() as u8,
+                value: le_value(data),
+            },
+            VcpuExit::MmioRead(addr, data) => ExitPoint {
+                kind: ExitKind::MmioRead,
+                addr: *addr,
+                size: data.len() as u8,
+                value: 0,
+            },
+            VcpuExit::Hlt => ExitPoint {
+                kind: ExitKind::Hlt,
+                addr: 0,
+                size: 0,
+                value: 0,
+            },
+            VcpuExit::Shutdown => ExitPoint {
+                kind: ExitKind::Shutdown,
+                addr: 0,
+                size: 0,
+                value: 0,
+            },
+            VcpuExit::Intr => return Ok(None),
+            other => return Err(MachineError::Internal(format!("{other:?}"))),
+        };
+        self.ordinal += 1;
+        let clock = env.exit(self.ordinal, &point)?;
+        platform::write_clock(&self.vm.mem, clock, self.ordinal)?;
+        let mut ctx = ExitContext {
+            mem: &self.vm.mem,
+            env: &mut *env,
+            ordinal: self.ordinal,
+        };
+        let action = match exit {
+            VcpuExit::IoOut(port, data) => self.pio.write(&mut ctx, port, data)?,
+            VcpuExit::IoIn(port, data) => self.pio.read(&mut ctx, port, data)?,
+            VcpuExit::MmioRead(addr, data) => {
+                data.fill(0xff);
+                DeviceAction::Stop(Outcome::BadAccess {
+                    kind: ExitKind::MmioRead,
+                    addr,
+                    rip: 0,
+                })
+            }
+            VcpuExit::MmioWrite(addr, _) => DeviceAction::Stop(Outcome::BadAccess {
+                kind: ExitKind::MmioWrite,
+                addr,
+                rip: 0,
+            }),
+            VcpuExit::Hlt => DeviceAction::Stop(Outcome::Halted { rip: 0 }),
+            _ => DeviceAction::Stop(Outcome::TripleFault { rip: 0 }),
+        };
+        env.exit_done()?;
+        let outcome = match action {
+            DeviceAction::Continue => None,
+            DeviceAction::Stop(outcome) => Some(self.with_rip(outcome)?),
+            DeviceAction::GuestException(vector) => Some(self.exception(vector)?),
+        };
+        if outcome.is_none() {
+            if let Some(due) = env.digest_due(self.ordinal)? {
+                self.digest(env, due)?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn with_rip(&self, outcome: Outcome) -> Result<Outcome, MachineError> {
+        let rip = self.vcpu.regs()?.rip;
+        Ok(match outcome {
+            Outcome::BadAccess { kind, addr, .. } => Outcome::BadAccess { kind, addr, rip },
+            Outcome::Halted { .. } => Outcome::Halted { rip },
+            Outcome::TripleFault { .. } => Outcome::TripleFault { rip },
+            other => other,
+        })
+    }
+
+    /// A CPL0 stub reported `vector`: read the exception frame it left on the
+    /// CPL0 stack (error code, RIP, CS, RFLAGS, RSP, SS).
+    fn exception(&self, vector: u8) -> Result<Outcome, MachineError> {
+        let rsp = self.vcpu.regs()?.rsp;
+        let cr2 = self.vcpu.sregs()?.cr2;
+        let mut frame = [0u64; 2];
+        for (i, slot) in frame.iter_mut().enumerate() {
+            *slot = self
+                .vm
+                .mem
+                .read_obj(GuestAddress(rsp + 8 * i as u64))
+                .unwrap_or(0);
+        }
+        Ok(Outcome::Crash {
+            vector,
+            error_code: frame[0],
+            rip: frame[1],
+            cr2,
+        })
+    }
+
+    fn digest(&mut self, env: &mut dyn Environment, due: DigestDue) -> Result<(), MachineError> {
+        // Always drain the dirty logs so the next digest covers only what follows.
+        let bitmap = self.vm.take_dirty_bitmap()?;
+        let regs = self.vcpu.state_bytes()?;
+        let (full, runs): (bool, Vec<PageRun>) = match due {
+            DigestDue::Full => (true, Vec::new()),
+            DigestDue::Pages(runs) => (false, runs),
+            DigestDue::OwnDirtyPages => {
+                let runs = digest::runs_from_bitmap(&bitmap, self.pages);
+                if runs.len() > digest::MAX_RUNS {
+                    (true, Vec::new())
+                } else {
+                    (false, runs)
+                }
+            }
+        };
+        let hash = if full {
+            digest::full_digest(&self.vm.mem, self.vm.mem_size(), &regs)
+        } else {
+            digest::pages_digest(&self.vm.mem, self.pages, &regs, &runs)?
+        };
+        env.digest_taken(self.ordinal, full, &runs, hash)?;
+        Ok(())
+    }
+
+    /// blake3 of the registers and all of memory.
+    pub fn final_digest(&self) -> Result<[u8; 32], MachineError> {
+        let regs = self.vcpu.state_bytes()?;
+        Ok(digest::full_digest(&self.vm.mem, self.vm.mem_size(), &regs))
+    }
+}

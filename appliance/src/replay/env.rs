@@ -1,0 +1,200 @@
+//! The environment boundary.
+
+use super::log::LogError;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// What kind of guest-caused exit happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitKind {
+    PioIn,
+    PioOut,
+    MmioRead,
+    MmioWrite,
+    Hlt,
+    Shutdown,
+}
+
+/// Where the guest exited, precisely enough for the backup to check that it
+/// is at the same place: kind, port or address, access size, and the value
+/// written (0 for reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitPoint {
+    pub kind: ExitKind,
+    pub addr: u64,
+    pub size: u8,
+    pub value: u64,
+}
+
+impl fmt::Display for ExitPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ExitKind::PioOut | ExitKind::MmioWrite => write!(
+                f,
+                "{:?} {:#x} size {} value {:#x}",
+                self.kind, self.addr, self.size, self.value
+            ),
+            ExitKind::PioIn | ExitKind::MmioRead => {
+                write!(f, "{:?} {:#x} size {}", self.kind, self.addr, self.size)
+            }
+            ExitKind::Hlt | ExitKind::Shutdown => write!(f, "{:?}", self.kind),
+        }
+    }
+}
+
+/// An input handed to the guest during an exit, besides the clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Input {
+    /// Random bytes for a platform ENTROPY request.
+    Entropy(Vec<u8>),
+    /// The outcome of a platform WAIT: whether input arrived, and the wake time.
+    Wake { input_arrived: bool, now_ns: u64 },
+}
+
+/// What a WAIT returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitOutcome {
+    pub input_arrived: bool,
+    pub now_ns: u64,
+}
+
+/// How the machine ended; recorded so that replay checks it ends the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    PowerOff {
+        code: i32,
+    },
+    Panic {
+        message: String,
+    },
+    Crash {
+        vector: u8,
+        error_code: u64,
+        rip: u64,
+        cr2: u64,
+    },
+    TripleFault {
+        rip: u64,
+    },
+    Halted {
+        rip: u64,
+    },
+    BadAccess {
+        kind: ExitKind,
+        addr: u64,
+        rip: u64,
+    },
+    /// Stopped from outside (operator, shutdown); not a guest decision.
+    Stopped,
+}
+
+pub fn vector_name(vector: u8) -> &'static str {
+    match vector {
+        0 => "#DE divide error",
+        1 => "#DB debug",
+        3 => "#BP breakpoint",
+        4 => "#OF overflow",
+        5 => "#BR bound range",
+        6 => "#UD invalid opcode",
+        7 => "#NM device not available",
+        8 => "#DF double fault",
+        10 => "#TS invalid TSS",
+        11 => "#NP segment not present",
+        12 => "#SS stack fault",
+        13 => "#GP general protection",
+        14 => "#PF page fault",
+        16 => "#MF x87 error",
+        17 => "#AC alignment check",
+        18 => "#MC machine check",
+        19 => "#XM SIMD error",
+        _ => "interrupt",
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::PowerOff { code } => write!(f, "powered off with code {code}"),
+            Outcome::Panic { message } => write!(f, "guest panic: {message}"),
+            Outcome::Crash {
+                vector,
+                error_code,
+                rip,
+                cr2,
+            } => {
+                write!(
+                    f,
+                    "guest crashed: {} (vector {vector}) error_code={error_code:#x} rip={rip:#x}",
+                    vector_name(*vector)
+                )?;
+                if *vector == 14 {
+                    write!(f, " address={cr2:#x}")?;
+                }
+                Ok(())
+            }
+            Outcome::TripleFault { rip } => write!(f, "guest triple fault near rip={rip:#x}"),
+            Outcome::Halted { rip } => write!(f, "guest halted at rip={rip:#x}"),
+            Outcome::BadAccess { kind, addr, rip } => write!(
+                f,
+                "guest crashed: {kind:?} at unmapped address {addr:#x} rip={rip:#x}"
+            ),
+            Outcome::Stopped => write!(f, "stopped"),
+        }
+    }
+}
+
+impl Outcome {
+    /// Whether the guest ended on its own terms (not a crash).
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Outcome::PowerOff { .. } | Outcome::Stopped)
+    }
+}
+
+/// Which pages a state digest covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DigestDue {
+    /// Hash the pages this side saw dirtied (the recording side decides).
+    OwnDirtyPages,
+    /// Hash all of memory.
+    Full,
+    /// Hash exactly these page runs (the replaying side follows the log).
+    Pages(Vec<super::digest::PageRun>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    #[error("DIVERGED at exit {ordinal}: {what}")]
+    Diverged { ordinal: u64, what: String },
+    #[error("the log ends at exit {ordinal}, before the machine finished (no end marker)")]
+    LogEnded { ordinal: u64 },
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("entropy source failed: {0}")]
+    Entropy(#[source] std::io::Error),
+}
+
+/// The boundary through which every non-deterministic input passes.
+pub trait Environment {
+    /// A guest-caused exit numbered `ordinal` happened at `point`; returns the
+    /// clock value (monotonic ns) the guest sees from this exit on.
+    fn exit(&mut self, ordinal: u64, point: &ExitPoint) -> Result<u64, EnvError>;
+    /// Random bytes for the guest.
+    fn entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError>;
+    /// Idles until `deadline_ns` or until input arrives.
+    fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError>;
+    /// The exit has been handled.
+    fn exit_done(&mut self) -> Result<(), EnvError>;
+    /// Whether a state digest is taken after exit `ordinal`, and of which pages.
+    fn digest_due(&mut self, ordinal: u64) -> Result<Option<DigestDue>, EnvError>;
+    /// The digest taken after exit `ordinal` over `pages` (empty when `full`).
+    fn digest_taken(
+        &mut self,
+        ordinal: u64,
+        full: bool,
+        pages: &[super::digest::PageRun],
+        hash: [u8; 32],
+    ) -> Result<(), EnvError>;
+    /// The machine ended after exit `ordinal` with `outcome` and final state `digest`.
+    fn finish(&mut self, ordinal: u64, outcome: &Outcome, digest: [u8; 32])
+        -> Result<(), EnvError>;
+}

@@ -1,0 +1,111 @@
+//! The live world: the host's monotonic clock, the host's entropy, real waits.
+
+use super::digest::PageRun;
+use super::env::{DigestDue, EnvError, Environment, ExitPoint, Outcome, WaitOutcome};
+use std::fs::File;
+use std::io::Read;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Wakes a guest that is waiting: devices with new input (and shutdown) call it.
+#[derive(Debug, Clone, Default)]
+pub struct Waker {
+    inner: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Waker {
+    pub fn wake(&self) {
+        let (lock, cv) = &*self.inner;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Waits up to `timeout` for a wake; returns whether one came (and clears it).
+    fn wait_for(&self, timeout: Duration) -> bool {
+        let (lock, cv) = &*self.inner;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut guard, _) = cv
+            .wait_timeout_while(guard, timeout, |woken| !*woken)
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *guard)
+    }
+}
+
+/// The real world as the primary sees it.
+#[derive(Debug)]
+pub struct LiveWorld {
+    start: Instant,
+    last_ns: u64,
+    urandom: File,
+    waker: Waker,
+}
+
+impl LiveWorld {
+    pub fn new() -> Result<Self, EnvError> {
+        Ok(LiveWorld {
+            start: Instant::now(),
+            last_ns: 0,
+            urandom: File::open("/dev/urandom").map_err(EnvError::Entropy)?,
+            waker: Waker::default(),
+        })
+    }
+
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    /// Monotonic nanoseconds since boot; never goes back.
+    pub fn now_ns(&mut self) -> u64 {
+        let now = self.start.elapsed().as_nanos() as u64;
+        self.last_ns = self.last_ns.max(now);
+        self.last_ns
+    }
+
+    pub fn fill_entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError> {
+        self.urandom.read_exact(buf).map_err(EnvError::Entropy)
+    }
+
+    pub fn wait_until(&mut self, deadline_ns: u64) -> WaitOutcome {
+        let now = self.now_ns();
+        let input_arrived = if deadline_ns > now {
+            self.waker.wait_for(Duration::from_nanos(deadline_ns - now))
+        } else {
+            false
+        };
+        WaitOutcome {
+            input_arrived,
+            now_ns: self.now_ns(),
+        }
+    }
+}
+
+/// `ftvm run`: the live world, nothing logged.
+impl Environment for LiveWorld {
+    fn exit(&mut self, _ordinal: u64, _point: &ExitPoint) -> Result<u64, EnvError> {
+        Ok(self.now_ns())
+    }
+    fn entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError> {
+        self.fill_entropy(buf)
+    }
+    fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError> {
+        Ok(self.wait_until(deadline_ns))
+    }
+    fn exit_done(&mut self) -> Result<(), EnvError> {
+        Ok(())
+    }
+    fn digest_due(&mut self, _ordinal: u64) -> Result<Option<DigestDue>, EnvError> {
+        Ok(None)
+    }
+    fn digest_taken(
+        &mut self,
+        _: u64,
+        _: bool,
+        _: &[PageRun],
+        _: [u8; 32],
+    ) -> Result<(), EnvError> {
+        Ok(())
+    }
+    fn finish(&mut self, _: u64, _: &Outcome, _: [u8; 32]) -> Result<(), EnvError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,135 @@
+//! The primary's environment: the live world, with every input appended to
+//! the log against the exit ordinal at which it was handed in.
+
+use super::digest::PageRun;
+use super::env::{DigestDue, EnvError, Environment, ExitPoint, Input, Outcome, WaitOutcome};
+use super::live::LiveWorld;
+use super::log::{Entry, LogWriter};
+use std::io::Write;
+
+/// When state digests are taken.
+#[derive(Debug, Clone, Copy)]
+pub struct DigestSchedule {
+    /// Exits between digests.
+    pub interval: u64,
+    /// Every this many digests, a full-memory digest.
+    pub full_every: u64,
+}
+
+impl DigestSchedule {
+    pub fn due(&self, ordinal: u64) -> Option<DigestDue> {
+        if ordinal == 0 || ordinal % self.interval != 0 {
+            return None;
+        }
+        if (ordinal / self.interval) % self.full_every == 0 {
+            Some(DigestDue::Full)
+        } else {
+            Some(DigestDue::OwnDirtyPages)
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Recorder<W: Write> {
+    live: LiveWorld,
+    log: LogWriter<W>,
+    schedule: DigestSchedule,
+    pending: Option<Entry>,
+}
+
+impl<W: Write> Recorder<W> {
+    pub fn new(live: LiveWorld, log: LogWriter<W>, schedule: DigestSchedule) -> Self {
+        Recorder {
+            live,
+            log,
+            schedule,
+            pending: None,
+        }
+    }
+
+    fn push_input(&mut self, input: Input) {
+        if let Some(Entry::Exit { inputs, .. }) = &mut self.pending {
+            inputs.push(input);
+        }
+    }
+
+    /// Log bytes and entries written so far.
+    pub fn log_stats(&self) -> (u64, u64) {
+        (self.log.bytes, self.log.entries)
+    }
+
+    pub fn into_log(self) -> LogWriter<W> {
+        self.log
+    }
+}
+
+impl<W: Write> Environment for Recorder<W> {
+    fn exit(&mut self, ordinal: u64, point: &ExitPoint) -> Result<u64, EnvError> {
+        let clock_ns = self.live.now_ns();
+        self.pending = Some(Entry::Exit {
+            ordinal,
+            point: *point,
+            clock_ns,
+            inputs: Vec::new(),
+        });
+        Ok(clock_ns)
+    }
+
+    fn entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError> {
+        self.live.fill_entropy(buf)?;
+        self.push_input(Input::Entropy(buf.to_vec()));
+        Ok(())
+    }
+
+    fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError> {
+        let out = self.live.wait_until(deadline_ns);
+        self.push_input(Input::Wake {
+            input_arrived: out.input_arrived,
+            now_ns: out.now_ns,
+        });
+        Ok(out)
+    }
+
+    fn exit_done(&mut self) -> Result<(), EnvError> {
+        if let Some(e) = self.pending.take() {
+            self.log.append(&e)?;
+        }
+        Ok(())
+    }
+
+    fn digest_due(&mut self, ordinal: u64) -> Result<Option<DigestDue>, EnvError> {
+        Ok(self.schedule.due(ordinal))
+    }
+
+    fn digest_taken(
+        &mut self,
+        ordinal: u64,
+        full: bool,
+        pages: &[PageRun],
+        hash: [u8; 32],
+    ) -> Result<(), EnvError> {
+        self.log.append(&Entry::Digest {
+            ordinal,
+            full,
+            pages: pages.to_vec(),
+            hash,
+        })?;
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        ordinal: u64,
+        outcome: &Outcome,
+        digest: [u8; 32],
+    ) -> Result<(), EnvError> {
+        self.exit_done()?;
+        self.log.append(&Entry::End {
+            ordinal,
+            outcome: outcome.clone(),
+            digest,
+        })?;
+        self.log.flush()?;
+        Ok(())
+    }
+}
