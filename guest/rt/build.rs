@@ -7,7 +7,8 @@ use std::{env, fs, path::PathBuf};
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));
-    let script = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo")).join("link.ld");
+    let script =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo")).join("link.ld");
     fs::copy(&script, out.join("ftvm-guest.ld"))
         .unwrap_or_else(|e| panic!("copying {}: {e}", script.display()));
     println!("cargo:rustc-link-search=native={}", out.display());

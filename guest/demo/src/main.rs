@@ -27,7 +27,10 @@ fn main() -> i32 {
         None => 1,
         Some(Ok(n)) if n > 0 => n,
         Some(_) => {
-            println!("demo: iterations must be a positive integer (cmdline: {:?})", cmdline::cmdline());
+            println!(
+                "demo: iterations must be a positive integer (cmdline: {:?})",
+                cmdline::cmdline()
+            );
             return 2;
         }
     };

@@ -158,7 +158,11 @@ pub fn heap(digest: &mut Digest, scale: usize) {
             let len = rng.below(300) as usize;
             map.insert(key, vec![(key as u8) ^ (round as u8); len]);
         }
-        let doomed: Vec<u64> = map.keys().copied().filter(|k| k % 3 == round as u64 % 3).collect();
+        let doomed: Vec<u64> = map
+            .keys()
+            .copied()
+            .filter(|k| k % 3 == round as u64 % 3)
+            .collect();
         for key in doomed {
             map.remove(&key);
         }
@@ -178,13 +182,13 @@ pub fn heap(digest: &mut Digest, scale: usize) {
         .collect();
     words.sort();
     words.dedup();
-    let words_hash = words
-        .iter()
-        .fold(0u64, |h, w| h.rotate_left(5) ^ w.len() as u64 ^ u64::from(w.as_bytes()[1]));
+    let words_hash = words.iter().fold(0u64, |h, w| {
+        h.rotate_left(5) ^ w.len() as u64 ^ u64::from(w.as_bytes()[1])
+    });
 
     // Boxes of mixed sizes, freed in random order.
-    let mut boxes: Vec<Option<Vec<u32>>> = (0..5000 * scale)
-        .map(|i| Some(vec![i as u32; 1 + (i * 37) % 500]))
+    let mut boxes: Vec<Option<Vec<u32>>> = (0..4000 * scale)
+        .map(|i| Some(vec![i as u32; 1 + (i * 37) % 200]))
         .collect();
     let mut freed = 0;
     for _ in 0..boxes.len() {

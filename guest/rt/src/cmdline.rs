@@ -23,10 +23,11 @@ pub fn args() -> impl Iterator<Item = (&'static str, Option<&'static str>)> {
 
 /// Parses a command line (exposed for tests and other sources of words).
 pub fn parse(line: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
-    line.split_ascii_whitespace().map(|word| match word.split_once('=') {
-        Some((key, value)) => (key, Some(value)),
-        None => (word, None),
-    })
+    line.split_ascii_whitespace()
+        .map(|word| match word.split_once('=') {
+            Some((key, value)) => (key, Some(value)),
+            None => (word, None),
+        })
 }
 
 /// The value of the last `key=value` word, or `Some("")` for a bare `key`.

@@ -79,7 +79,12 @@ pub(crate) fn flush_best_effort() {
     fn emit_unchecked(bytes: &[u8]) {
         // SAFETY: the VMM only reads `bytes`, a live slice of at most 256 bytes.
         let _ = unsafe {
-            platform::request(Op::ConsoleWrite as u32, bytes.as_ptr() as u64, bytes.len() as u64, 0)
+            platform::request(
+                Op::ConsoleWrite as u32,
+                bytes.as_ptr() as u64,
+                bytes.len() as u64,
+                0,
+            )
         };
     }
     if let Some(mut line) = LINE.try_borrow_mut() {

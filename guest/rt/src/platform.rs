@@ -92,7 +92,8 @@ fn read_page_u32(offset: usize) -> u32 {
 
 /// True if the platform page carries the magic and a version this runtime knows.
 pub fn page_is_valid() -> bool {
-    read_page_u64(page::MAGIC) == u64::from_le_bytes(MAGIC) && read_page_u32(page::VERSION) == VERSION
+    read_page_u64(page::MAGIC) == u64::from_le_bytes(MAGIC)
+        && read_page_u32(page::VERSION) == VERSION
 }
 
 /// Platform version from the platform page.
@@ -179,7 +180,12 @@ pub fn console_write(bytes: &[u8]) {
     for chunk in bytes.chunks(MAX_CONSOLE_WRITE) {
         // SAFETY: the VMM only reads `chunk`, which is a live slice.
         let r = unsafe {
-            request(Op::ConsoleWrite as u32, chunk.as_ptr() as u64, chunk.len() as u64, 0)
+            request(
+                Op::ConsoleWrite as u32,
+                chunk.as_ptr() as u64,
+                chunk.len() as u64,
+                0,
+            )
         };
         check(r, "CONSOLE_WRITE");
     }
@@ -191,7 +197,12 @@ pub fn entropy(buf: &mut [u8]) {
     for chunk in buf.chunks_mut(MAX_ENTROPY) {
         // SAFETY: the VMM writes exactly `chunk`, which we borrow mutably.
         let r = unsafe {
-            request(Op::Entropy as u32, chunk.as_mut_ptr() as u64, chunk.len() as u64, 0)
+            request(
+                Op::Entropy as u32,
+                chunk.as_mut_ptr() as u64,
+                chunk.len() as u64,
+                0,
+            )
         };
         check(r, "ENTROPY");
     }
@@ -220,7 +231,14 @@ pub fn power_off(code: u32) -> ! {
 pub fn guest_panic(message: &[u8]) -> ! {
     let message = &message[..message.len().min(MAX_PANIC_MESSAGE)];
     // SAFETY: the VMM only reads `message`, a live slice.
-    let _ = unsafe { request(Op::Panic as u32, message.as_ptr() as u64, message.len() as u64, 0) };
+    let _ = unsafe {
+        request(
+            Op::Panic as u32,
+            message.as_ptr() as u64,
+            message.len() as u64,
+            0,
+        )
+    };
     contract_broken()
 }
 

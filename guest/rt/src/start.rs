@@ -39,7 +39,9 @@ extern "Rust" {
 
 extern "C" fn rt_start() -> ! {
     if !platform::page_is_valid() {
-        platform::guest_panic(b"ftvm-guest-rt: platform page lacks the FTVMPLAT magic or is not version 1");
+        platform::guest_panic(
+            b"ftvm-guest-rt: platform page lacks the FTVMPLAT magic or is not version 1",
+        );
     }
     let mem_size = platform::mem_size() as usize;
     // Trust the larger of the VMM's and the linker's idea of the image end.
@@ -53,7 +55,9 @@ extern "C" fn rt_start() -> ! {
     }
     let rsp: usize;
     // SAFETY: reads RSP into a register; touches nothing else.
-    unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags))
+    };
     if !(stack_bottom..=mem_size).contains(&rsp) {
         panic!("ftvm-guest-rt: entered with RSP {rsp:#x}, expected just below memory top {mem_size:#x}");
     }
