@@ -1,2 +1,15 @@
 //! The witness service and its client.
+//!
+//! The witness is the external tiebreaker of an ftvm pair (DESIGN.md section
+//! 6): for a cluster, at most one node is ever granted a given epoch. See
+//! docs/witness.md for the protocol, semantics and operations.
 #![forbid(unsafe_code)]
+
+pub mod client;
+pub mod proto;
+pub mod server;
+pub mod store;
+
+pub use client::{ClientError, ClientOptions, WitnessClient};
+pub use server::{ClaimOutcome, Witness, WitnessError};
+pub use store::{ClusterState, Store, StoreError};
