@@ -307,8 +307,10 @@ pub fn fault(workload: &str) -> ! {
         // SAFETY: raises #UD on purpose; the VMM ends the machine.
         "fault-ud" => unsafe { asm!("ud2", options(noreturn, nomem, nostack)) },
         "fault-pf" => {
-            // Above the 4 GiB identity map: not mapped, so #PF.
-            let address = 0xdead_0000_0000usize as *const u64;
+            // Canonical but above the 4 GiB identity map: not mapped, so #PF.
+            // (0xdead_0000_0000 has bit 47 set without sign extension: it is
+            // non-canonical and raises #GP, not #PF.)
+            let address = 0x00de_ad00_0000usize as *const u64;
             // SAFETY: deliberately faults; the machine ends before the read completes.
             let value = unsafe { core::ptr::read_volatile(address) };
             panic!("read of unmapped {address:p} returned {value:#x}")
