@@ -150,6 +150,7 @@ fn sum_of_roots(n: usize) -> f32 {
 /// Allocator churn: a BTreeMap of byte vectors with inserts and removals,
 /// large sorts, many strings.
 pub fn heap(digest: &mut Digest, scale: usize) {
+    check_memory_builtins();
     let mut rng = XorShift(0x0bad_cafe_f00d_1234);
     let mut map: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     for round in 0..4 * scale {
@@ -211,6 +212,54 @@ pub fn heap(digest: &mut Digest, scale: usize) {
         map.len(),
         words.len()
     );
+}
+
+/// Checks the runtime's memory builtins against plain loops (overlapping
+/// moves both ways, compares with the difference at each position).
+pub fn check_memory_builtins() {
+    extern "C" {
+        fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32;
+        fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32;
+    }
+    let base: Vec<u8> = (0..64u8).collect();
+    for len in [0usize, 1, 2, 7, 31] {
+        for shift in [1usize, 3, 16] {
+            let mut up = base.clone();
+            up.copy_within(0..len, shift);
+            let mut down = base.clone();
+            down.copy_within(shift..shift + len, 0);
+            for i in 0..len {
+                assert_eq!(up[shift + i], base[i], "memmove up len={len} shift={shift}");
+                assert_eq!(
+                    down[i],
+                    base[shift + i],
+                    "memmove down len={len} shift={shift}"
+                );
+            }
+        }
+    }
+    for len in [1usize, 2, 9, 40] {
+        for at in 0..len {
+            let a = base[..len].to_vec();
+            let mut b = a.clone();
+            b[at] = b[at].wrapping_add(5);
+            // SAFETY: both buffers are `len` bytes long.
+            let (lt, gt, eq, ne) = unsafe {
+                (
+                    memcmp(a.as_ptr(), b.as_ptr(), len),
+                    memcmp(b.as_ptr(), a.as_ptr(), len),
+                    memcmp(a.as_ptr(), a.clone().as_ptr(), len),
+                    bcmp(a.as_ptr(), b.as_ptr(), len),
+                )
+            };
+            assert!(
+                lt < 0 && gt > 0 && eq == 0 && ne != 0,
+                "memcmp len={len} at={at}"
+            );
+        }
+    }
+    // SAFETY: zero-length compares read nothing.
+    assert_eq!(unsafe { memcmp(base.as_ptr(), base[1..].as_ptr(), 0) }, 0);
 }
 
 // ---------------------------------------------------------------- clock
