@@ -130,9 +130,18 @@ pub fn init_ca(dir: &Path) -> Result<(), PkiError> {
         }
     }
     let key = KeyPair::generate()?;
+    // A name unique to this CA (from its key), so that certificates of two
+    // development CAs are told apart by issuer name, not only by signature.
+    let fp: String = key
+        .public_key_raw()
+        .iter()
+        .rev()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "ftvm development CA");
+    dn.push(DnType::CommonName, format!("ftvm development CA {fp}"));
     dn.push(DnType::OrganizationName, "ftvm (testing and labs only)");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));

@@ -73,6 +73,14 @@ impl Store {
 
     fn open_inner(path: &Path, create: bool) -> Result<Store, StoreError> {
         let p = path.to_path_buf();
+        // A database is new only if its directory is absent or empty. An
+        // existing one that comes back without our marker was damaged (sled
+        // may open a corrupt data file as an empty database): it is refused,
+        // never silently started over, since that would forget grants.
+        let fresh = match std::fs::read_dir(path) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(_) => true,
+        };
         match std::fs::metadata(path) {
             Ok(m) if !m.is_dir() => return Err(StoreError::NotADirectory { path: p }),
             Ok(_) => {}
@@ -124,7 +132,7 @@ impl Store {
             db,
             clusters,
         };
-        store.check_format(create)?;
+        store.check_format(create && fresh)?;
         store.check_records()?;
         Ok(store)
     }
@@ -136,7 +144,7 @@ impl Store {
         }
     }
 
-    fn check_format(&self, create: bool) -> Result<(), StoreError> {
+    fn check_format(&self, new_database: bool) -> Result<(), StoreError> {
         match self.db.get(FORMAT_KEY).map_err(|e| io(&self.path, e))? {
             Some(v) if v.as_ref() == [STORE_FORMAT] => Ok(()),
             Some(v) => Err(self.corrupt(format!(
@@ -147,12 +155,17 @@ impl Store {
                 if !self.clusters.is_empty() || !self.db.is_empty() {
                     return Err(self.corrupt("records present but no format marker".into()));
                 }
-                if create {
-                    self.db
-                        .insert(FORMAT_KEY, &[STORE_FORMAT])
-                        .map_err(|e| io(&self.path, e))?;
-                    self.flush()?;
+                if !new_database {
+                    return Err(self.corrupt(
+                        "the directory holds no witness data (format marker missing); \
+                         refusing to treat it as a new database (move it aside to start over)"
+                            .into(),
+                    ));
                 }
+                self.db
+                    .insert(FORMAT_KEY, &[STORE_FORMAT])
+                    .map_err(|e| io(&self.path, e))?;
+                self.flush()?;
                 Ok(())
             }
         }
@@ -298,5 +311,22 @@ mod tests {
         }
         let err = Store::open(&p).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn existing_directory_without_marker_is_not_started_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        {
+            let s = Store::open(&p).unwrap();
+            s.db.remove(FORMAT_KEY).unwrap();
+            s.flush().unwrap();
+        }
+        let err = Store::open(&p).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        // An empty directory is a new database.
+        let e = dir.path().join("empty");
+        std::fs::create_dir(&e).unwrap();
+        Store::open(&e).unwrap();
     }
 }
