@@ -1,0 +1,410 @@
+use super::{args, Rng};
+use crate::aof::{
+    self, encode_header, parse_header, replay, AppendError, HeaderError, LogWriter, PendingWrite,
+    Replayer, TornReason, MAX_BATCH, SECTOR,
+};
+use crate::engine::Engine;
+
+type Snapshot = Vec<(Vec<u8>, Vec<u8>, Option<u64>)>;
+
+fn snapshot(e: &Engine) -> Snapshot {
+    e.entries()
+        .map(|(k, v, x)| (k.to_vec(), v.to_vec(), x))
+        .collect()
+}
+
+fn apply(disk: &mut [u8], w: &PendingWrite) {
+    assert_eq!(w.offset % SECTOR, 0);
+    assert_eq!(w.data.len() as u64 % SECTOR, 0);
+    disk[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
+}
+
+/// A random write command.
+fn random_write(rng: &mut Rng, now: u64) -> Vec<Vec<u8>> {
+    let key = format!("key{}", rng.below(20));
+    let value: String = (0..rng.below(40))
+        .map(|_| (b'a' + rng.below(26) as u8) as char)
+        .collect();
+    let words: Vec<String> = match rng.below(8) {
+        0 => vec![
+            "SET".into(),
+            key,
+            value,
+            "PX".into(),
+            format!("{}", 1 + rng.below(50)),
+        ],
+        1 => vec!["INCR".into(), format!("n{}", rng.below(3))],
+        2 => vec!["DEL".into(), key, format!("key{}", rng.below(20))],
+        3 => vec![
+            "MSET".into(),
+            key,
+            value.clone(),
+            format!("key{}", rng.below(20)),
+            value,
+        ],
+        4 if rng.below(10) == 0 => vec!["FLUSHALL".into()],
+        5 => vec!["SET".into(), key, value, "NX".into()],
+        6 => vec!["SET".into(), key, "x".repeat(rng.below(3000) as usize)],
+        _ => vec!["SET".into(), key, value],
+    };
+    let _ = now;
+    words.into_iter().map(String::into_bytes).collect()
+}
+
+struct Run {
+    disk: Vec<u8>,
+    engine: Engine,
+    writer: LogWriter,
+    now: u64,
+}
+
+impl Run {
+    fn new(sectors: u64, generation: u64) -> Run {
+        let mut disk = aof::blank_disk(sectors);
+        let mut writer = LogWriter::format(generation, disk.len() as u64).unwrap();
+        apply(&mut disk, &writer.take_pending().unwrap());
+        let mut engine = Engine::default();
+        engine.set_log_budget(Some(writer.remaining()));
+        Run {
+            disk,
+            engine,
+            writer,
+            now: 0,
+        }
+    }
+
+    /// Executes a command, appending its record (if any) to the batch.
+    fn exec(&mut self, cmd: &[Vec<u8>]) -> bool {
+        self.now += 7;
+        let exec = self.engine.execute(cmd, self.now);
+        match exec.log {
+            Some(p) => {
+                self.writer.append(&p).unwrap();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(w) = self.writer.take_pending() {
+            apply(&mut self.disk, &w);
+        }
+    }
+}
+
+#[test]
+fn round_trip_through_the_log() {
+    let mut run = Run::new(2048, 0x1234);
+    let mut rng = Rng(7);
+    for batch in 0..200 {
+        for _ in 0..1 + batch % 5 {
+            let cmd = random_write(&mut rng, run.now);
+            run.exec(&cmd);
+        }
+        run.flush();
+    }
+    let mut fresh = Engine::default();
+    let report = replay(&run.disk, &mut fresh).unwrap();
+    assert_eq!(report.torn, None);
+    assert_eq!(report.end, run.writer.end());
+    assert_eq!(snapshot(&fresh), snapshot(&run.engine));
+    assert!(report.records > 200);
+    // Replaying in small pieces gives the same.
+    let mut fresh2 = Engine::default();
+    let mut r = Replayer::new(parse_header(&run.disk).unwrap(), run.disk.len() as u64);
+    for piece in run.disk[512..].chunks(37) {
+        if !r.feed(piece, &mut fresh2) {
+            break;
+        }
+    }
+    assert_eq!(r.finish(), report);
+    assert_eq!(snapshot(&fresh2), snapshot(&run.engine));
+}
+
+#[test]
+fn expiry_replays_as_absolute_time() {
+    let mut run = Run::new(64, 9);
+    run.now = 1_000;
+    run.exec(&args(&["SET", "a", "1", "EX", "10"]));
+    run.exec(&args(&["SET", "b", "5", "PX", "500"]));
+    run.exec(&args(&["INCR", "b"]));
+    run.flush();
+    let mut e = Engine::default();
+    replay(&run.disk, &mut e).unwrap();
+    // Booted much later: the values and absolute expiry times are the same.
+    assert_eq!(snapshot(&e), snapshot(&run.engine));
+    assert_eq!(e.peek(b"a", 11_007), Some(&b"1"[..]));
+    assert_eq!(e.peek(b"a", 11_008), None);
+    // b was set at 1014 with PX 500; INCR kept its expiry.
+    assert_eq!(e.peek(b"b", 1_514), Some(&b"6"[..]));
+    assert_eq!(e.peek(b"b", 1_515), None);
+}
+
+/// Builds a log with some durable records, then an in-flight batch.
+/// Returns (disk before the batch, the batch write, snapshots after each
+/// record of the batch with the disk offset where that record ends).
+fn with_in_flight_batch(
+    seed: u64,
+    big: bool,
+) -> (Run, Vec<u8>, PendingWrite, Vec<(u64, Snapshot)>) {
+    let mut run = Run::new(128, 0xfeed);
+    let mut rng = Rng(seed);
+    for _ in 0..20 {
+        let cmd = random_write(&mut rng, run.now);
+        run.exec(&cmd);
+    }
+    run.flush();
+    let before = run.disk.clone();
+    let mut states = vec![(run.writer.end(), snapshot(&run.engine))];
+    let mut n = 0;
+    while n < 6 {
+        let cmd = if big && n == 2 {
+            args(&["SET", "big", &"B".repeat(6_000)])
+        } else {
+            random_write(&mut rng, run.now)
+        };
+        if run.exec(&cmd) {
+            states.push((run.writer.end(), snapshot(&run.engine)));
+            n += 1;
+        }
+    }
+    let batch = run.writer.take_pending().unwrap();
+    (run, before, batch, states)
+}
+
+/// The state replay must give for `disk`: the records of the batch are
+/// applied in order while each one's bytes on `disk` are exactly the bytes
+/// that were meant to be written (a record whose missing tail happens to
+/// equal what the disk already held is intact, not torn).
+fn expected<'a>(states: &'a [(u64, Snapshot)], disk: &[u8], full: &[u8]) -> &'a (u64, Snapshot) {
+    let mut want = &states[0];
+    for pair in states.windows(2) {
+        let (a, b) = (pair[0].0 as usize, pair[1].0 as usize);
+        if disk[a..b] != full[a..b] {
+            break;
+        }
+        want = &pair[1];
+    }
+    want
+}
+
+#[test]
+fn torn_tail_at_every_cut_is_discarded_and_the_prefix_is_exact() {
+    for (seed, big) in [(1, false), (2, true)] {
+        let (run, before, batch, states) = with_in_flight_batch(seed, big);
+        let mut full = before.clone();
+        apply(&mut full, &batch);
+        for cut in 0..=batch.data.len() {
+            let mut disk = before.clone();
+            let off = batch.offset as usize;
+            disk[off..off + cut].copy_from_slice(&batch.data[..cut]);
+            let mut e = Engine::default();
+            let report = replay(&disk, &mut e).unwrap();
+            let want = expected(&states, &disk, &full);
+            assert_eq!(snapshot(&e), want.1, "seed {seed} cut {cut}");
+            assert_eq!(report.end, want.0, "seed {seed} cut {cut}");
+            if cut == batch.data.len() {
+                assert_eq!(report.torn, None);
+            }
+
+            // Only check resume on a sample of cuts (it is slower).
+            if cut % 97 != 0 && cut != batch.data.len() {
+                continue;
+            }
+            // After the crash: resume, write more, crash cleanly, replay again.
+            let mut writer = LogWriter::resume(&report);
+            let mut e2 = e;
+            e2.set_log_budget(Some(writer.remaining()));
+            for cmd in [args(&["SET", "after", "1"]), args(&["INCR", "n0"])] {
+                let exec = e2.execute(&cmd, 1_000_000);
+                writer.append(&exec.log.unwrap()).unwrap();
+            }
+            let w = writer.take_pending().unwrap();
+            assert!(
+                w.offset + w.data.len() as u64
+                    >= (report.end + aof::ZERO_AHEAD).min(disk.len() as u64) - SECTOR
+            );
+            apply(&mut disk, &w);
+            let mut e3 = Engine::default();
+            let r3 = replay(&disk, &mut e3).unwrap();
+            assert_eq!(r3.torn, None, "cut {cut}");
+            assert_eq!(snapshot(&e3), snapshot(&e2), "cut {cut}");
+        }
+        drop(run);
+    }
+}
+
+#[test]
+fn sectors_landing_out_of_order_never_misread() {
+    let (_run, before, batch, states) = with_in_flight_batch(3, true);
+    let sectors = batch.data.len() / SECTOR as usize;
+    let mut full = before.clone();
+    apply(&mut full, &batch);
+    let mut rng = Rng(99);
+    for _ in 0..300 {
+        let mut disk = before.clone();
+        for s in 0..sectors {
+            let at = batch.offset as usize + s * SECTOR as usize;
+            if rng.below(4) != 0 {
+                disk[at..at + SECTOR as usize].copy_from_slice(&batch.data[s * 512..(s + 1) * 512]);
+            }
+        }
+        let want = expected(&states, &disk, &full);
+        let mut e = Engine::default();
+        let report = replay(&disk, &mut e).unwrap();
+        assert_eq!(snapshot(&e), want.1);
+        assert_eq!(report.end, want.0);
+    }
+}
+
+#[test]
+fn stale_records_of_an_older_log_are_not_read() {
+    let mut old = Run::new(256, 111);
+    let mut rng = Rng(5);
+    for _ in 0..100 {
+        let cmd = random_write(&mut rng, old.now);
+        old.exec(&cmd);
+    }
+    old.flush();
+    // A new log (new generation) over the same disk.
+    let mut disk = old.disk.clone();
+    let mut writer = LogWriter::format(222, disk.len() as u64).unwrap();
+    apply(&mut disk, &writer.take_pending().unwrap());
+    let mut e = Engine::default();
+    let exec = e.execute(&args(&["SET", "new", "1"]), 0);
+    writer.append(&exec.log.unwrap()).unwrap();
+    apply(&mut disk, &writer.take_pending().unwrap());
+    // Make the old bytes start right after the new record: no zero terminator.
+    let end = writer.end() as usize;
+    let old_at = 512 + 300;
+    disk.copy_within(old_at..old_at + 4096, end);
+    let mut replayed = Engine::default();
+    let report = replay(&disk, &mut replayed).unwrap();
+    assert_eq!(snapshot(&replayed), snapshot(&e));
+    assert_eq!(report.records, 1);
+
+    // Stale records of the same generation at the wrong place: rejected by seq.
+    let mut run = Run::new(64, 333);
+    run.exec(&args(&["SET", "a", "1"]));
+    run.flush();
+    let first_end = run.writer.end() as usize;
+    let first = run.disk[512..first_end].to_vec();
+    run.exec(&args(&["SET", "b", "2"]));
+    run.flush();
+    let end = run.writer.end() as usize;
+    run.disk[end..end + first.len()].copy_from_slice(&first); // seq 1 again
+    let mut e = Engine::default();
+    let report = replay(&run.disk, &mut e).unwrap();
+    assert_eq!(report.records, 2);
+    assert_eq!(
+        report.torn.unwrap().reason,
+        TornReason::OutOfSequence {
+            expected: 3,
+            found: 1
+        }
+    );
+}
+
+#[test]
+fn header_states() {
+    assert_eq!(parse_header(&[0u8; 512]), Err(HeaderError::Blank));
+    assert_eq!(parse_header(&[0u8; 100]), Err(HeaderError::TooShort));
+    assert_eq!(parse_header(&[1u8; 512]), Err(HeaderError::BadMagic));
+    let h = encode_header(77);
+    assert_eq!(parse_header(&h).unwrap().generation, 77);
+    let mut bad = h;
+    bad[20] ^= 1;
+    assert_eq!(parse_header(&bad), Err(HeaderError::BadChecksum));
+    assert!(LogWriter::format(0, 4096).is_none());
+    assert!(LogWriter::format(1, 1000).is_none());
+}
+
+#[test]
+fn disk_full_and_batches() {
+    // 4 sectors: header + 1536 bytes of log.
+    let mut run = Run::new(4, 5);
+    let value = "v".repeat(400);
+    let mut ok = 0;
+    loop {
+        let exec = run
+            .engine
+            .execute(&args(&["SET", &format!("k{ok}"), &value]), 0);
+        match exec.log {
+            Some(p) => {
+                run.writer.append(&p).unwrap();
+                ok += 1;
+            }
+            None => {
+                assert_eq!(exec.reply, b"-ERR disk full\r\n");
+                break;
+            }
+        }
+    }
+    assert_eq!(ok, 3);
+    assert_eq!(run.engine.log_budget(), Some(run.writer.remaining()));
+    assert_eq!(run.writer.append(&[1u8; 2000]), Err(AppendError::Full));
+    run.flush();
+    let mut e = Engine::default();
+    replay(&run.disk, &mut e).unwrap();
+    assert_eq!(snapshot(&e), snapshot(&run.engine));
+
+    // Batches are bounded.
+    let mut run = Run::new(40_000, 6);
+    let payload = vec![9u8; 1024 * 1024];
+    let mut n = 0;
+    loop {
+        let exec = run.engine.execute(
+            &[
+                b"SET".to_vec(),
+                format!("k{n}").into_bytes(),
+                payload[..500_000].to_vec(),
+            ],
+            0,
+        );
+        match run.writer.append(&exec.log.unwrap()) {
+            Ok(()) => n += 1,
+            Err(AppendError::BatchFull) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(n as u64 * 500_000 <= MAX_BATCH);
+    assert!(run.writer.take_pending().is_some());
+    assert!(run.writer.take_pending().is_none());
+}
+
+#[test]
+fn random_payloads_never_panic_and_apply_all_or_nothing() {
+    let mut rng = Rng(0xabc);
+    let mut e = Engine::default();
+    e.execute(&args(&["SET", "keep", "1"]), 0);
+    for _ in 0..100_000 {
+        let len = rng.below(40) as usize;
+        let mut p: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        if let Some(op) = p.first_mut() {
+            *op = 1 + (*op % 5);
+        }
+        let before = snapshot(&e);
+        if e.apply_record(&p).is_err() {
+            assert_eq!(snapshot(&e), before);
+        }
+        if rng.below(100) == 0 {
+            e = Engine::default();
+        }
+    }
+}
+
+#[test]
+fn random_disk_bytes_never_panic_replay() {
+    let mut rng = Rng(0x5eed);
+    for _ in 0..2_000 {
+        let mut disk = aof::blank_disk(4);
+        disk[..512].copy_from_slice(&encode_header(1));
+        for b in disk[512..].iter_mut().take(rng.below(1536) as usize) {
+            *b = rng.next() as u8;
+        }
+        let mut e = Engine::default();
+        let r = replay(&disk, &mut e).unwrap();
+        assert_eq!(r.records, 0);
+    }
+}
