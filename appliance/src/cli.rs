@@ -47,6 +47,20 @@ pub enum Command {
         /// Where the replayed guest's console goes (stdout, log, none, or a file).
         #[arg(long, default_value = "none")]
         console: String,
+        /// Replay against this disk image instead of the config's (it must
+        /// hold the same bytes the recording started from).
+        #[arg(long)]
+        disk: Option<PathBuf>,
+    },
+    /// Development PKI: a cluster CA and node certificates (for tests and labs).
+    Certs {
+        #[command(subcommand)]
+        cmd: ftvm_transport::pki::CertsCommand,
+    },
+    /// Virtual disk images: create, hash (Merkle root), diff.
+    Disk {
+        #[command(subcommand)]
+        cmd: ftvm_storage::DiskCommand,
     },
     /// The local demo: record the demo guest, then replay it.
     Demo {
@@ -95,12 +109,37 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             config,
             log,
             console,
+            disk,
         } => {
             let mut cfg = ApplianceConfig::load(&config)?;
             cfg.console.output = console_arg(&console);
+            if let Some(path) = disk {
+                match cfg.disk.as_mut() {
+                    Some(d) => d.path = path,
+                    None => anyhow::bail!(
+                        "--disk given, but {} has no [disk] section",
+                        config.display()
+                    ),
+                }
+            }
             Ok(replay(&cfg, &log))
         }
         Command::Demo { config, dir } => demo(&config, &dir),
+        Command::Certs { cmd } => {
+            ftvm_transport::pki::run_certs(&cmd)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Disk { cmd } => {
+            let outcome = ftvm_storage::run_disk(&cmd, &mut std::io::stdout().lock())
+                .map_err(anyhow::Error::from);
+            match outcome {
+                Ok(o) => Ok(ExitCode::from(o.exit_code() as u8)),
+                Err(e) => {
+                    eprintln!("ftvm: error: {e:#}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
     }
 }
 
@@ -140,10 +179,26 @@ fn report_outcome(summary: &RunSummary) {
     }
 }
 
+/// The live world for `cfg`: host clock and entropy, and the TAP if the guest has a network card.
+fn live_world(cfg: &ApplianceConfig) -> Result<LiveWorld> {
+    let mut live = LiveWorld::new()?;
+    if let Some(net) = &cfg.net {
+        live.attach_tap(&net.tap)
+            .with_context(|| format!("{}: key `net.tap`", cfg.source.display()))?;
+    }
+    Ok(live)
+}
+
+fn report_disk(machine: &Machine) {
+    if let Some(root) = machine.disk_root() {
+        println!("disk: root={}", hex(&root));
+    }
+}
+
 fn run(config: &Path) -> Result<ExitCode> {
     let cfg = ApplianceConfig::load(config)?;
     let mut machine = Machine::new(&cfg, open_console(&cfg)?)?;
-    let mut env = LiveWorld::new()?;
+    let mut env = live_world(&cfg)?;
     let summary = machine.run(&mut env, &VcpuControl::new())?;
     report_outcome(&summary);
     Ok(outcome_exit_code(&summary))
@@ -157,10 +212,11 @@ pub fn record(cfg: &ApplianceConfig, log: &Path) -> Result<ExitCode> {
         interval: cfg.replay.digest_interval,
         full_every: cfg.replay.full_digest_every,
     };
-    let mut rec = Recorder::new(LiveWorld::new()?, writer, schedule);
+    let mut rec = Recorder::new(live_world(cfg)?, writer, schedule);
     let summary = machine.run(&mut rec, &VcpuControl::new())?;
     let (bytes, entries) = rec.log_stats();
     report_outcome(&summary);
+    report_disk(&machine);
     tracing::info!(log_bytes = bytes, entries, log = %log.display(), "log written");
     println!(
         "record: exits={} digest={}",
@@ -215,7 +271,10 @@ fn try_replay(cfg: &ApplianceConfig, log: &Path) -> Result<RunSummary, ReplayFai
     })?;
     let mut replayer = Replayer::new(reader);
     match machine.run(&mut replayer, &VcpuControl::new()) {
-        Ok(s) => Ok(s),
+        Ok(s) => {
+            report_disk(&machine);
+            Ok(s)
+        }
         Err(e) => match e.divergence() {
             Some((ordinal, what)) => Err(ReplayFailure::Diverged(ordinal, what.to_string())),
             None => Err(ReplayFailure::Other(MachineError::into(e))),

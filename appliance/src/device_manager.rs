@@ -83,3 +83,84 @@ impl PioBus {
         }
     }
 }
+
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::vstate::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SLOT, VIRTIO_MMIO_SLOTS};
+
+/// The virtio-mmio window: fixed slots, each empty or holding one transport.
+#[derive(Debug, Default)]
+pub struct MmioBus {
+    slots: Vec<Option<MmioTransport>>,
+}
+
+impl MmioBus {
+    pub fn new() -> Self {
+        MmioBus {
+            slots: (0..VIRTIO_MMIO_SLOTS).map(|_| None).collect(),
+        }
+    }
+
+    pub fn attach(&mut self, slot: usize, transport: MmioTransport) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = Some(transport);
+        }
+    }
+
+    /// Whether `addr` falls in the virtio window.
+    pub fn claims(addr: u64) -> bool {
+        (VIRTIO_MMIO_BASE..VIRTIO_MMIO_BASE + VIRTIO_MMIO_SLOTS * VIRTIO_MMIO_SLOT).contains(&addr)
+    }
+
+    fn locate(addr: u64) -> (usize, u64) {
+        let rel = addr - VIRTIO_MMIO_BASE;
+        ((rel / VIRTIO_MMIO_SLOT) as usize, rel % VIRTIO_MMIO_SLOT)
+    }
+
+    pub fn read(&mut self, addr: u64, data: &mut [u8]) {
+        let (slot, off) = Self::locate(addr);
+        match self.slots.get_mut(slot).and_then(Option::as_mut) {
+            Some(t) => t.read(off, data),
+            // An empty slot: magic and device ID read as zero.
+            None => data.fill(0),
+        }
+    }
+
+    pub fn write(
+        &mut self,
+        ctx: &mut ExitContext<'_>,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<DeviceAction, DeviceError> {
+        let (slot, off) = Self::locate(addr);
+        match self.slots.get_mut(slot).and_then(Option::as_mut) {
+            Some(t) => t.write(ctx, off, data),
+            None => Ok(DeviceAction::Continue),
+        }
+    }
+
+    /// Services every active device's queues.
+    pub fn poll(&mut self, ctx: &mut ExitContext<'_>) -> Result<(), DeviceError> {
+        for t in self.slots.iter_mut().flatten() {
+            t.poll(ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Output and state digests of all devices, in slot order, for state digests.
+    pub fn digest_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for t in self.slots.iter().flatten() {
+            for d in [t.device().output_digest(), t.device().state_digest()]
+                .into_iter()
+                .flatten()
+            {
+                out.extend_from_slice(&d);
+            }
+        }
+        out
+    }
+
+    pub fn transports(&self) -> impl Iterator<Item = &MmioTransport> {
+        self.slots.iter().flatten()
+    }
+}

@@ -51,6 +51,7 @@ pub struct LoadedImage {
     pub end: u64,
 }
 
+#[derive(Debug)]
 struct Segment {
     offset: u64,
     paddr: u64,

@@ -2,10 +2,13 @@
 //! exits (the exit ordinal, DESIGN.md section 2) and hands every exit to the
 //! environment before a device sees it.
 
-use crate::device_manager::{BusOverlap, PioBus};
+use crate::device_manager::{BusOverlap, MmioBus, PioBus};
 use crate::devices::console::Console;
 use crate::devices::platform::{self, Platform, PLATFORM_BASE, PLATFORM_LEN};
 use crate::devices::serial::{Com1, COM1_BASE, COM1_LEN};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::Net;
 use crate::devices::{DeviceAction, DeviceError, ExitContext};
 use crate::loader::{GuestImage, ImageError, LoadedImage};
 use crate::replay::digest::{self, DigestError, PageRun};
@@ -39,6 +42,14 @@ pub enum MachineError {
     Bus(#[from] BusOverlap),
     #[error("KVM_RUN failed: {0}")]
     Run(#[source] kvm_ioctls::Error),
+    #[error("{path}: key `{key}`: {message}")]
+    Config {
+        path: std::path::PathBuf,
+        key: &'static str,
+        message: String,
+    },
+    #[error("disk {0}")]
+    Disk(#[from] ftvm_storage::StorageError),
     #[error("KVM could not run the guest: {0}")]
     Internal(String),
 }
@@ -70,6 +81,7 @@ pub struct Machine {
     vm: Vm,
     vcpu: Vcpu,
     pio: PioBus,
+    mmio: MmioBus,
     image: GuestImage,
     cmdline: String,
     ordinal: u64,
@@ -111,6 +123,19 @@ impl Machine {
             PLATFORM_LEN,
             Box::new(Platform::new(console, mem_size)),
         )?;
+        let mut mmio = MmioBus::new();
+        if let Some(net) = &cfg.net {
+            let mac = net.mac_bytes().ok_or_else(|| MachineError::Config {
+                path: cfg.source.clone(),
+                key: "net.mac",
+                message: format!("{:?} is not a MAC address", net.mac),
+            })?;
+            mmio.attach(0, MmioTransport::new(Box::new(Net::new(mac))));
+        }
+        if let Some(disk) = &cfg.disk {
+            let image = ftvm_storage::DiskImage::open(&disk.path, disk.chunk_size)?;
+            mmio.attach(1, MmioTransport::new(Box::new(Block::new(image))));
+        }
         // Setup writes are the same on both sides; digests cover execution only.
         vm.take_dirty_bitmap()?;
         let pages = mem_size / PAGE_SIZE;
@@ -118,6 +143,7 @@ impl Machine {
             vm,
             vcpu,
             pio,
+            mmio,
             image,
             cmdline: cfg.machine.cmdline.clone(),
             ordinal: 0,
@@ -261,6 +287,13 @@ impl Machine {
         let action = match exit {
             VcpuExit::IoOut(port, data) => self.pio.write(&mut ctx, port, data)?,
             VcpuExit::IoIn(port, data) => self.pio.read(&mut ctx, port, data)?,
+            VcpuExit::MmioRead(addr, data) if MmioBus::claims(addr) => {
+                self.mmio.read(addr, data);
+                DeviceAction::Continue
+            }
+            VcpuExit::MmioWrite(addr, data) if MmioBus::claims(addr) => {
+                self.mmio.write(&mut ctx, addr, data)?
+            }
             VcpuExit::MmioRead(addr, data) => {
                 data.fill(0xff);
                 DeviceAction::Stop(Outcome::BadAccess {
@@ -277,6 +310,8 @@ impl Machine {
             VcpuExit::Hlt => DeviceAction::Stop(Outcome::Halted { rip: 0 }),
             _ => DeviceAction::Stop(Outcome::TripleFault { rip: 0 }),
         };
+        // Every exit services the virtio queues: inputs reach the guest here.
+        self.mmio.poll(&mut ctx)?;
         env.exit_done()?;
         let outcome = match action {
             DeviceAction::Continue => None,
@@ -325,7 +360,7 @@ impl Machine {
     fn digest(&mut self, env: &mut dyn Environment, due: DigestDue) -> Result<(), MachineError> {
         // Always drain the dirty logs so the next digest covers only what follows.
         let bitmap = self.vm.take_dirty_bitmap()?;
-        let regs = self.vcpu.state_bytes()?;
+        let regs = self.state_bytes()?;
         let (full, runs): (bool, Vec<PageRun>) = match due {
             DigestDue::Full => (true, Vec::new()),
             DigestDue::Pages(runs) => (false, runs),
@@ -347,9 +382,23 @@ impl Machine {
         Ok(())
     }
 
-    /// blake3 of the registers and all of memory.
+    /// vCPU registers plus device digests (frames sent, disk Merkle root).
+    fn state_bytes(&self) -> Result<Vec<u8>, MachineError> {
+        let mut b = self.vcpu.state_bytes()?;
+        b.extend_from_slice(&self.mmio.digest_bytes());
+        Ok(b)
+    }
+
+    /// The disk's Merkle root, when the machine has a disk.
+    pub fn disk_root(&self) -> Option<[u8; 32]> {
+        self.mmio
+            .transports()
+            .find_map(|t| t.device().state_digest())
+    }
+
+    /// blake3 of the registers, device digests and all of memory.
     pub fn final_digest(&self) -> Result<[u8; 32], MachineError> {
-        let regs = self.vcpu.state_bytes()?;
+        let regs = self.state_bytes()?;
         Ok(digest::full_digest(&self.vm.mem, self.vm.mem_size(), &regs))
     }
 }

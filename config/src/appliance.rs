@@ -21,6 +21,10 @@ pub struct ApplianceConfig {
     pub console: ConsoleConfig,
     #[serde(default)]
     pub replay: ReplayConfig,
+    /// The guest's network card (virtio-net on a TAP device).
+    pub net: Option<NetConfig>,
+    /// The guest's disk (virtio-blk on a raw image).
+    pub disk: Option<DiskConfig>,
     /// Where the file was loaded from; relative paths were resolved against it.
     #[serde(skip)]
     pub source: PathBuf,
@@ -74,6 +78,52 @@ impl<'de> Deserialize<'de> for ConsoleOutput {
     }
 }
 
+/// virtio-net backed by a TAP device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// TAP device name (created if missing; at most 15 bytes).
+    pub tap: String,
+    /// The guest's MAC address, `52:54:00:12:34:56` style.
+    pub mac: String,
+}
+
+impl NetConfig {
+    /// The MAC as bytes (validated by [`ApplianceConfig::load`]).
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        parse_mac(&self.mac)
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// virtio-blk backed by a raw image file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The image (relative to the config file). Create one with `ftvm disk create`.
+    pub path: PathBuf,
+    /// Chunk size for the disk's Merkle tree, in bytes.
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: u64,
+}
+
+fn default_chunk_size() -> u64 {
+    64 * 1024
+}
+
 /// Record/replay checking.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,6 +158,9 @@ impl ApplianceConfig {
         let mut cfg: ApplianceConfig = load_toml(file)?;
         cfg.source = file.to_path_buf();
         cfg.machine.image = resolve_path(file, &cfg.machine.image);
+        if let Some(d) = &mut cfg.disk {
+            d.path = resolve_path(file, &d.path);
+        }
         if let ConsoleOutput::File(p) = &cfg.console.output {
             cfg.console.output = ConsoleOutput::File(resolve_path(file, p));
         }
@@ -134,6 +187,41 @@ impl ApplianceConfig {
                 "machine.cmdline",
                 format!("{} bytes is longer than {MAX_CMDLINE}", m.cmdline.len()),
             ));
+        }
+        if let Some(n) = &self.net {
+            if n.tap.is_empty() || n.tap.len() > 15 {
+                return Err(ConfigError::invalid(
+                    f,
+                    "net.tap",
+                    format!("{:?} must be 1 to 15 bytes", n.tap),
+                ));
+            }
+            match n.mac_bytes() {
+                None => {
+                    return Err(ConfigError::invalid(
+                        f,
+                        "net.mac",
+                        format!("{:?} is not a MAC address like 52:54:00:12:34:56", n.mac),
+                    ))
+                }
+                Some(m) if m[0] & 1 == 1 => {
+                    return Err(ConfigError::invalid(
+                        f,
+                        "net.mac",
+                        format!("{} is a multicast address", n.mac),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(d) = &self.disk {
+            if !d.chunk_size.is_power_of_two() || d.chunk_size < 4096 {
+                return Err(ConfigError::invalid(
+                    f,
+                    "disk.chunk_size",
+                    format!("{} must be a power of two of at least 4096", d.chunk_size),
+                ));
+            }
         }
         if self.replay.digest_interval == 0 {
             return Err(ConfigError::invalid(
@@ -185,6 +273,25 @@ mod tests {
         let (_d, p) = write("[machine]\nimage = \"g\"\nmemory = 64\n");
         let err = ApplianceConfig::load(&p).unwrap_err().to_string();
         assert!(err.contains("machine.memory"), "{err}");
+    }
+
+    #[test]
+    fn bad_mac_names_key() {
+        let (_d, p) =
+            write("[machine]\nimage = \"g\"\n[net]\ntap = \"t0\"\nmac = \"52:54:00:12:34\"\n");
+        let err = ApplianceConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("net.mac"), "{err}");
+        assert_eq!(
+            parse_mac("52:54:00:12:34:56"),
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+        );
+    }
+
+    #[test]
+    fn disk_path_resolves_against_config_dir() {
+        let (dir, p) = write("[machine]\nimage = \"g\"\n[disk]\npath = \"d.img\"\n");
+        let cfg = ApplianceConfig::load(&p).unwrap();
+        assert_eq!(cfg.disk.unwrap().path, dir.path().join("d.img"));
     }
 
     #[test]

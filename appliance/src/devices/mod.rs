@@ -4,6 +4,8 @@
 pub mod console;
 pub mod platform;
 pub mod serial;
+pub mod tap;
+pub mod virtio;
 
 use crate::replay::env::{EnvError, Environment, Outcome};
 use crate::vstate::memory::GuestMemory;
@@ -37,6 +39,10 @@ pub enum DeviceError {
     },
     #[error("console output failed: {0}")]
     Console(#[source] std::io::Error),
+    #[error("virtqueue: {0}")]
+    Queue(#[source] virtio_queue::Error),
+    #[error("disk I/O failed, stopping rather than diverging: {0}")]
+    Disk(#[source] ftvm_storage::StorageError),
 }
 
 /// A device on the port I/O bus.

@@ -51,6 +51,10 @@ pub fn write_boot_info(
         .map_err(mem_err(p))?;
     mem.write_obj(image_end, GuestAddress(p + PP_IMAGE_END))
         .map_err(mem_err(p))?;
+    mem.write_obj(VIRTIO_MMIO_BASE, GuestAddress(p + PP_VIRTIO_BASE))
+        .map_err(mem_err(p))?;
+    mem.write_obj(VIRTIO_MMIO_SLOTS as u32, GuestAddress(p + PP_VIRTIO_SLOTS))
+        .map_err(mem_err(p))?;
     mem.write_slice(cmdline.as_bytes(), GuestAddress(CMDLINE_ADDR))
         .map_err(mem_err(CMDLINE_ADDR))?;
     Ok(())
@@ -130,7 +134,7 @@ impl Platform {
         ctx: &mut ExitContext<'_>,
         addr: u64,
     ) -> Result<DeviceAction, DeviceError> {
-        if addr % 8 != 0 || !self.in_memory(addr, REQUEST_SIZE) {
+        if !addr.is_multiple_of(8) || !self.in_memory(addr, REQUEST_SIZE) {
             // Nowhere to write a status: ignore, deterministically.
             tracing::debug!(addr, "platform request block outside memory or misaligned");
             return Ok(DeviceAction::Continue);

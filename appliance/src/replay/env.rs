@@ -49,6 +49,10 @@ pub enum Input {
     Entropy(Vec<u8>),
     /// The outcome of a platform WAIT: whether input arrived, and the wake time.
     Wake { input_arrived: bool, now_ns: u64 },
+    /// A network frame delivered into the guest's RX queue.
+    NetRx(Vec<u8>),
+    /// Data a disk read returned (`ship` mode: the primary's bytes).
+    DiskRead(Vec<u8>),
 }
 
 /// What a WAIT returned.
@@ -171,7 +175,12 @@ pub enum EnvError {
     Log(#[from] LogError),
     #[error("entropy source failed: {0}")]
     Entropy(#[source] std::io::Error),
+    #[error("local disk read failed, stopping rather than diverging: {0}")]
+    DiskRead(String),
 }
+
+/// Reads this site's own disk into a buffer.
+pub type LocalRead<'a> = &'a mut dyn FnMut(&mut [u8]) -> Result<(), String>;
 
 /// The boundary through which every non-deterministic input passes.
 pub trait Environment {
@@ -182,6 +191,12 @@ pub trait Environment {
     fn entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError>;
     /// Idles until `deadline_ns` or until input arrives.
     fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError>;
+    /// One frame from the outside world for the guest, if one is waiting.
+    fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError>;
+    /// A frame the guest sent (an output).
+    fn net_tx(&mut self, frame: &[u8]) -> Result<(), EnvError>;
+    /// Data for a guest disk read; `local` reads this site's own disk.
+    fn disk_read(&mut self, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError>;
     /// The exit has been handled.
     fn exit_done(&mut self) -> Result<(), EnvError>;
     /// Whether a state digest is taken after exit `ordinal`, and of which pages.

@@ -1,7 +1,8 @@
 //! The live world: the host's monotonic clock, the host's entropy, real waits.
 
 use super::digest::PageRun;
-use super::env::{DigestDue, EnvError, Environment, ExitPoint, Outcome, WaitOutcome};
+use super::env::{DigestDue, EnvError, Environment, ExitPoint, LocalRead, Outcome, WaitOutcome};
+use crate::devices::tap::{Tap, TapError};
 use std::fs::File;
 use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex};
@@ -38,6 +39,7 @@ pub struct LiveWorld {
     last_ns: u64,
     urandom: File,
     waker: Waker,
+    tap: Option<Tap>,
 }
 
 impl LiveWorld {
@@ -47,7 +49,28 @@ impl LiveWorld {
             last_ns: 0,
             urandom: File::open("/dev/urandom").map_err(EnvError::Entropy)?,
             waker: Waker::default(),
+            tap: None,
         })
+    }
+
+    /// Connects the guest's network card to TAP `name`.
+    pub fn attach_tap(&mut self, name: &str) -> Result<(), TapError> {
+        self.tap = Some(Tap::open(name, self.waker.clone())?);
+        Ok(())
+    }
+
+    pub fn receive_frame(&mut self) -> Option<Vec<u8>> {
+        self.tap.as_mut().and_then(Tap::try_recv)
+    }
+
+    pub fn send_frame(&mut self, frame: &[u8]) {
+        if let Some(t) = self.tap.as_mut() {
+            t.send(frame);
+        }
+    }
+
+    pub fn read_local(buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError> {
+        local(buf).map_err(EnvError::DiskRead)
     }
 
     pub fn waker(&self) -> Waker {
@@ -67,6 +90,12 @@ impl LiveWorld {
 
     pub fn wait_until(&mut self, deadline_ns: u64) -> WaitOutcome {
         let now = self.now_ns();
+        if self.tap.as_mut().is_some_and(Tap::has_pending) {
+            return WaitOutcome {
+                input_arrived: true,
+                now_ns: now,
+            };
+        }
         let input_arrived = if deadline_ns > now {
             self.waker.wait_for(Duration::from_nanos(deadline_ns - now))
         } else {
@@ -89,6 +118,16 @@ impl Environment for LiveWorld {
     }
     fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError> {
         Ok(self.wait_until(deadline_ns))
+    }
+    fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError> {
+        Ok(self.receive_frame())
+    }
+    fn net_tx(&mut self, frame: &[u8]) -> Result<(), EnvError> {
+        self.send_frame(frame);
+        Ok(())
+    }
+    fn disk_read(&mut self, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError> {
+        Self::read_local(buf, local)
     }
     fn exit_done(&mut self) -> Result<(), EnvError> {
         Ok(())

@@ -2,7 +2,9 @@
 //! the log against the exit ordinal at which it was handed in.
 
 use super::digest::PageRun;
-use super::env::{DigestDue, EnvError, Environment, ExitPoint, Input, Outcome, WaitOutcome};
+use super::env::{
+    DigestDue, EnvError, Environment, ExitPoint, Input, LocalRead, Outcome, WaitOutcome,
+};
 use super::live::LiveWorld;
 use super::log::{Entry, LogWriter};
 use std::io::Write;
@@ -18,10 +20,10 @@ pub struct DigestSchedule {
 
 impl DigestSchedule {
     pub fn due(&self, ordinal: u64) -> Option<DigestDue> {
-        if ordinal == 0 || ordinal % self.interval != 0 {
+        if ordinal == 0 || !ordinal.is_multiple_of(self.interval) {
             return None;
         }
-        if (ordinal / self.interval) % self.full_every == 0 {
+        if (ordinal / self.interval).is_multiple_of(self.full_every) {
             Some(DigestDue::Full)
         } else {
             Some(DigestDue::OwnDirtyPages)
@@ -88,6 +90,25 @@ impl<W: Write> Environment for Recorder<W> {
             now_ns: out.now_ns,
         });
         Ok(out)
+    }
+
+    fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError> {
+        let frame = self.live.receive_frame();
+        if let Some(f) = &frame {
+            self.push_input(Input::NetRx(f.clone()));
+        }
+        Ok(frame)
+    }
+
+    fn net_tx(&mut self, frame: &[u8]) -> Result<(), EnvError> {
+        self.live.send_frame(frame);
+        Ok(())
+    }
+
+    fn disk_read(&mut self, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError> {
+        LiveWorld::read_local(buf, local)?;
+        self.push_input(Input::DiskRead(buf.to_vec()));
+        Ok(())
     }
 
     fn exit_done(&mut self) -> Result<(), EnvError> {

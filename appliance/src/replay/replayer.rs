@@ -3,7 +3,9 @@
 //! was. The first difference is reported as a divergence with its exit ordinal.
 
 use super::digest::{hex, PageRun};
-use super::env::{DigestDue, EnvError, Environment, ExitPoint, Input, Outcome, WaitOutcome};
+use super::env::{
+    DigestDue, EnvError, Environment, ExitPoint, Input, LocalRead, Outcome, WaitOutcome,
+};
 use super::log::{Entry, LogReader};
 use std::collections::VecDeque;
 use std::io::Read;
@@ -108,6 +110,35 @@ impl<R: Read> Environment for Replayer<R> {
                 now_ns,
             }),
             other => Err(self.diverged(format!("guest waited, the log has {other:?}"))),
+        }
+    }
+
+    fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError> {
+        if matches!(self.inputs.front(), Some(Input::NetRx(_))) {
+            if let Some(Input::NetRx(frame)) = self.inputs.pop_front() {
+                return Ok(Some(frame));
+            }
+        }
+        Ok(None)
+    }
+
+    fn net_tx(&mut self, _frame: &[u8]) -> Result<(), EnvError> {
+        // The backup is silent: its guest's output was already sent by the primary.
+        Ok(())
+    }
+
+    fn disk_read(&mut self, buf: &mut [u8], _local: LocalRead<'_>) -> Result<(), EnvError> {
+        match self.next_input("disk read data")? {
+            Input::DiskRead(bytes) if bytes.len() == buf.len() => {
+                buf.copy_from_slice(&bytes);
+                Ok(())
+            }
+            Input::DiskRead(bytes) => Err(self.diverged(format!(
+                "guest read {} disk bytes, the primary's guest {}",
+                buf.len(),
+                bytes.len()
+            ))),
+            other => Err(self.diverged(format!("guest read the disk, the log has {other:?}"))),
         }
     }
 

@@ -43,3 +43,11 @@ pub const SEL_USER_CS: u16 = 0x2b;
 pub const SEL_TSS: u16 = 0x30;
 
 pub const PAGE_SIZE: u64 = 4096;
+
+/// virtio-mmio window: slot `i` is at `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SLOT`.
+/// Slot 0 is the network card, slot 1 the disk; an empty slot reads device ID 0.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SLOT: u64 = 0x1000;
+pub const VIRTIO_MMIO_SLOTS: u64 = 2;
+pub const PP_VIRTIO_BASE: u64 = 0x30;
+pub const PP_VIRTIO_SLOTS: u64 = 0x38;

@@ -1,0 +1,182 @@
+//! A TAP device: the live world's network. A reader thread takes frames off
+//! the TAP into a bounded queue (dropping when it is full, as a NIC would) and
+//! wakes a waiting guest; frames are handed to the guest only at exits.
+
+use crate::replay::live::Waker;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
+
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// Frames waiting for the guest before new ones are dropped.
+const RX_BACKLOG: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("TAP {name}: cannot open /dev/net/tun: {source}")]
+    Open {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TAP {name}: TUNSETIFF failed (is the name valid and are you root?): {source}")]
+    SetIff {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TAP {name}: cannot bring the link up: {source}")]
+    LinkUp {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TAP name {0:?} is empty or longer than 15 bytes")]
+    Name(String),
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+fn ifreq(name: &str, flags: libc::c_short) -> IfReq {
+    let mut r = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
+    r.name[..name.len()].copy_from_slice(name.as_bytes());
+    r
+}
+
+#[derive(Debug)]
+pub struct Tap {
+    name: String,
+    file: File,
+    rx: Receiver<Vec<u8>>,
+    peeked: Option<Vec<u8>>,
+    pub rx_dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Tap {
+    /// Opens (creating if needed) TAP `name`, brings it up, and starts its reader.
+    pub fn open(name: &str, waker: Waker) -> Result<Self, TapError> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(TapError::Name(name.to_string()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|source| TapError::Open {
+                name: name.into(),
+                source,
+            })?;
+        let mut req = ifreq(name, IFF_TAP | IFF_NO_PI);
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is (same
+        // layout as the kernel's struct ifreq: name then a union of 24 bytes).
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+        if rc < 0 {
+            return Err(TapError::SetIff {
+                name: name.into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        link_up(name).map_err(|source| TapError::LinkUp {
+            name: name.into(),
+            source,
+        })?;
+        let mut reader = file.try_clone().map_err(|source| TapError::Open {
+            name: name.into(),
+            source,
+        })?;
+        let (tx, rx) = sync_channel(RX_BACKLOG);
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dropped2 = dropped.clone();
+        let tname = name.to_string();
+        std::thread::Builder::new()
+            .name(format!("tap-{name}"))
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            match tx.try_send(buf[..n].to_vec()) {
+                                Ok(()) => {}
+                                Err(TrySendError::Full(_)) => {
+                                    dropped2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                Err(TrySendError::Disconnected(_)) => break,
+                            }
+                            waker.wake();
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            tracing::error!(tap = %tname, error = %e, "TAP read failed; no more frames will arrive");
+                            break;
+                        }
+                    }
+                }
+            })
+            .map_err(|source| TapError::Open {
+                name: name.into(),
+                source,
+            })?;
+        tracing::info!(tap = name, "TAP open");
+        Ok(Tap {
+            name: name.to_string(),
+            file,
+            rx,
+            peeked: None,
+            rx_dropped: dropped,
+        })
+    }
+
+    /// The next received frame, if any.
+    pub fn try_recv(&mut self) -> Option<Vec<u8>> {
+        self.peeked.take().or_else(|| self.rx.try_recv().ok())
+    }
+
+    /// Whether a frame is waiting.
+    pub fn has_pending(&mut self) -> bool {
+        if self.peeked.is_none() {
+            self.peeked = self.rx.try_recv().ok();
+        }
+        self.peeked.is_some()
+    }
+
+    /// Sends a frame; a failed send is a lost packet, as on any network.
+    pub fn send(&mut self, frame: &[u8]) {
+        if let Err(e) = self.file.write(frame) {
+            tracing::debug!(tap = %self.name, error = %e, "TAP write failed; frame dropped");
+        }
+    }
+}
+
+fn link_up(name: &str) -> std::io::Result<()> {
+    // SAFETY: plain socket(2) call; the fd is owned by `sock` below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns.
+    let sock = unsafe { File::from_raw_fd(fd) };
+    let mut req = ifreq(name, 0);
+    // SAFETY: SIOCGIFFLAGS fills the flags field of an ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    req.flags |= libc::IFF_UP as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads the flags field of an ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
