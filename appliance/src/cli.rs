@@ -3,7 +3,7 @@
 use crate::devices::console::Console;
 use crate::machine::{Machine, MachineError, RunSummary};
 use crate::replay::digest::hex;
-use crate::replay::live::LiveWorld;
+use crate::replay::live::{LiveWorld, Waker};
 use crate::replay::log::{LogReader, LogWriter};
 use crate::replay::recorder::{DigestSchedule, Recorder};
 use crate::replay::replayer::Replayer;
@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use ftvm_config::appliance::{ApplianceConfig, ConsoleOutput};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Debug, Parser)]
 #[command(name = "ftvm", version, about = "Fault-tolerant VM appliance")]
@@ -61,6 +62,14 @@ pub enum Command {
     Disk {
         #[command(subcommand)]
         cmd: ftvm_storage::DiskCommand,
+    },
+    /// Print a log's header and entries, one per line (for operators and debugging).
+    LogDump {
+        #[arg(long)]
+        log: PathBuf,
+        /// Print only the last N entries.
+        #[arg(long)]
+        tail: Option<usize>,
     },
     /// The local demo: record the demo guest, then replay it.
     Demo {
@@ -125,6 +134,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             Ok(replay(&cfg, &log))
         }
         Command::Demo { config, dir } => demo(&config, &dir),
+        Command::LogDump { log, tail } => log_dump(&log, tail),
         Command::Certs { cmd } => {
             ftvm_transport::pki::run_certs(&cmd)?;
             Ok(ExitCode::SUCCESS)
@@ -189,6 +199,27 @@ fn live_world(cfg: &ApplianceConfig) -> Result<LiveWorld> {
     Ok(live)
 }
 
+/// A controller whose vCPU stops cleanly (at an exit boundary, with an end
+/// marker in the log) on SIGINT or SIGTERM.
+fn stop_on_signals(waker: Waker) -> Result<Arc<VcpuControl>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let control = Arc::new(VcpuControl::new());
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing SIGINT/SIGTERM handlers")?;
+    let c = control.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::warn!(signal = sig, "stopping the machine at its next exit");
+                c.stop();
+                waker.wake();
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(control)
+}
+
 fn report_disk(machine: &Machine) {
     if let Some(root) = machine.disk_root() {
         println!("disk: root={}", hex(&root));
@@ -199,7 +230,8 @@ fn run(config: &Path) -> Result<ExitCode> {
     let cfg = ApplianceConfig::load(config)?;
     let mut machine = Machine::new(&cfg, open_console(&cfg)?)?;
     let mut env = live_world(&cfg)?;
-    let summary = machine.run(&mut env, &VcpuControl::new())?;
+    let control = stop_on_signals(env.waker())?;
+    let summary = machine.run(&mut env, &control)?;
     report_outcome(&summary);
     Ok(outcome_exit_code(&summary))
 }
@@ -212,8 +244,10 @@ pub fn record(cfg: &ApplianceConfig, log: &Path) -> Result<ExitCode> {
         interval: cfg.replay.digest_interval,
         full_every: cfg.replay.full_digest_every,
     };
-    let mut rec = Recorder::new(live_world(cfg)?, writer, schedule);
-    let summary = machine.run(&mut rec, &VcpuControl::new())?;
+    let live = live_world(cfg)?;
+    let control = stop_on_signals(live.waker())?;
+    let mut rec = Recorder::new(live, writer, schedule);
+    let summary = machine.run(&mut rec, &control)?;
     let (bytes, entries) = rec.log_stats();
     report_outcome(&summary);
     report_disk(&machine);
@@ -300,4 +334,54 @@ fn demo(config: &Path, dir: &Path) -> Result<ExitCode> {
         log.display()
     );
     Ok(replay(&cfg, &log))
+}
+
+fn log_dump(path: &Path, tail: Option<usize>) -> Result<ExitCode> {
+    use crate::replay::log::{read_all, Entry};
+    let (h, entries) = read_all(path)?;
+    println!(
+        "header: format={} image={} memory={} MiB cmdline={:?} entries={}",
+        h.format_version,
+        &hex(&h.image_hash)[..16],
+        h.memory_size >> 20,
+        h.cmdline,
+        entries.len()
+    );
+    let skip = tail.map_or(0, |n| entries.len().saturating_sub(n));
+    for e in &entries[skip..] {
+        match e {
+            Entry::Exit {
+                ordinal,
+                point,
+                clock_ns,
+                inputs,
+            } => {
+                let inputs: Vec<String> = inputs.iter().map(|i| i.to_string()).collect();
+                println!(
+                    "exit {ordinal}: {point} clock={clock_ns} [{}]",
+                    inputs.join("; ")
+                );
+            }
+            Entry::Digest {
+                ordinal,
+                full,
+                pages,
+                hash,
+            } => println!(
+                "digest {ordinal}: {} {}",
+                if *full {
+                    "full".to_string()
+                } else {
+                    format!("{} pages", pages.iter().map(|r| r.count).sum::<u64>())
+                },
+                &hex(hash)[..16]
+            ),
+            Entry::End {
+                ordinal,
+                outcome,
+                digest,
+            } => println!("end {ordinal}: {outcome} {}", &hex(digest)[..16]),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -209,11 +209,13 @@ impl Machine {
         control: &VcpuControl,
     ) -> Result<RunSummary, MachineError> {
         loop {
-            if control.checkpoint() == Checkpoint::Stop {
+            if control.checkpoint() == Checkpoint::Stop || env.stopped_at(self.ordinal)? {
+                let digest = self.final_digest()?;
+                env.finish(self.ordinal, &Outcome::Stopped, digest)?;
                 return Ok(RunSummary {
                     outcome: Outcome::Stopped,
                     exits: self.ordinal,
-                    digest: self.final_digest()?,
+                    digest,
                 });
             }
             if let Some(outcome) = self.step(env)? {

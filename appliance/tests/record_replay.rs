@@ -409,3 +409,42 @@ fn bad_config_names_file_and_key() {
         o.stderr
     );
 }
+
+#[test]
+fn recording_stopped_by_sigterm_replays_to_the_same_exit() {
+    if !kvm("recording_stopped_by_sigterm_replays_to_the_same_exit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "long",
+        &demo_image(),
+        "workload=clock iterations=100000",
+        256,
+    );
+    let log = dir.path().join("long.ftlog");
+    let child = Command::new(FTVM)
+        .args([
+            "record",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--log",
+            log.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: sending SIGTERM to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "record exit: {:?}", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("record: ")).unwrap();
+    let o = replay(&cfg, &log);
+    assert_eq!(replay_line(&o), line.replace("record: ", "replay: OK "));
+}

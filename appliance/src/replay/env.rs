@@ -55,6 +55,21 @@ pub enum Input {
     DiskRead(Vec<u8>),
 }
 
+impl fmt::Display for Input {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let short = |b: &[u8]| blake3::hash(b).to_hex()[..16].to_string();
+        match self {
+            Input::Entropy(b) => write!(f, "{} entropy bytes ({})", b.len(), short(b)),
+            Input::Wake {
+                input_arrived,
+                now_ns,
+            } => write!(f, "wake at {now_ns} ns (input arrived: {input_arrived})"),
+            Input::NetRx(b) => write!(f, "received frame of {} bytes ({})", b.len(), short(b)),
+            Input::DiskRead(b) => write!(f, "disk read of {} bytes ({})", b.len(), short(b)),
+        }
+    }
+}
+
 /// What a WAIT returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WaitOutcome {
@@ -209,6 +224,12 @@ pub trait Environment {
         pages: &[super::digest::PageRun],
         hash: [u8; 32],
     ) -> Result<(), EnvError>;
+    /// Whether the recording was stopped from outside right after exit
+    /// `ordinal` (replay stops at the same exit; live sides are stopped by
+    /// their `VcpuControl`).
+    fn stopped_at(&mut self, _ordinal: u64) -> Result<bool, EnvError> {
+        Ok(false)
+    }
     /// The machine ended after exit `ordinal` with `outcome` and final state `digest`.
     fn finish(&mut self, ordinal: u64, outcome: &Outcome, digest: [u8; 32])
         -> Result<(), EnvError>;

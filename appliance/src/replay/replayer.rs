@@ -96,7 +96,7 @@ impl<R: Read> Environment for Replayer<R> {
                 buf.len(),
                 bytes.len()
             ))),
-            other => Err(self.diverged(format!("guest asked for entropy, the log has {other:?}"))),
+            other => Err(self.diverged(format!("guest asked for entropy, the log has {other}"))),
         }
     }
 
@@ -109,7 +109,7 @@ impl<R: Read> Environment for Replayer<R> {
                 input_arrived,
                 now_ns,
             }),
-            other => Err(self.diverged(format!("guest waited, the log has {other:?}"))),
+            other => Err(self.diverged(format!("guest waited, the log has {other}"))),
         }
     }
 
@@ -138,14 +138,14 @@ impl<R: Read> Environment for Replayer<R> {
                 buf.len(),
                 bytes.len()
             ))),
-            other => Err(self.diverged(format!("guest read the disk, the log has {other:?}"))),
+            other => Err(self.diverged(format!("guest read the disk, the log has {other}"))),
         }
     }
 
     fn exit_done(&mut self) -> Result<(), EnvError> {
         if let Some(left) = self.inputs.front() {
             return Err(self.diverged(format!(
-                "the primary's guest consumed input {left:?} at this exit, this guest did not"
+                "the primary's guest consumed input ({left}) at this exit, this guest did not"
             )));
         }
         Ok(())
@@ -202,6 +202,13 @@ impl<R: Read> Environment for Replayer<R> {
             });
         }
         Ok(())
+    }
+
+    fn stopped_at(&mut self, ordinal: u64) -> Result<bool, EnvError> {
+        Ok(matches!(
+            self.log.peek_entry()?,
+            Some(Entry::End { ordinal: o, outcome: Outcome::Stopped, .. }) if *o == ordinal
+        ))
     }
 
     fn finish(
