@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what ftvm's demo, tests and benchmarks need on a fresh Debian
+# machine. Idempotent: installs only what is missing. Needs root (or sudo).
+set -euo pipefail
+
+SUDO=
+[ "$(id -u)" = 0 ] || SUDO=sudo
+
+need=()
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+
+if ((${#need[@]})); then
+  echo "setup: installing ${need[*]}"
+  $SUDO apt-get update -qq
+  # redis-server's package would start a system-wide server: we start our own.
+  if [[ " ${need[*]} " == *" redis-server "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+if [ ! -e /dev/kvm ]; then
+  echo "setup: warning: /dev/kvm is missing; KVM tests will print SKIPPED" >&2
+fi
