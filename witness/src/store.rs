@@ -1,6 +1,8 @@
 //! The witness's durable state: one record per cluster (epoch and holder) in
 //! a sled database. A write is flushed to disk before [`Store::put_durable`]
-//! returns.
+//! returns: sled's flush, then `fsync` of sled's data file (sled 0.34 itself
+//! only issues `sync_file_range` on Linux, which does not make the write
+//! survive a power loss).
 //!
 //! Layout: the default tree holds `format` = [`STORE_FORMAT`]; the tree
 //! `clusters` maps a cluster name to a record encoded as postcard
@@ -15,6 +17,8 @@ use std::path::{Path, PathBuf};
 pub const STORE_FORMAT: u8 = 1;
 const FORMAT_KEY: &[u8] = b"ftvm-witness-format";
 const CLUSTERS_TREE: &[u8] = b"clusters";
+/// sled 0.34's data file inside the database directory.
+const SLED_DATA_FILE: &str = "db";
 
 /// The state of one cluster: the last granted epoch and who holds it.
 /// A cluster never claimed is at epoch 0 with no holder.
@@ -52,6 +56,10 @@ pub struct Store {
     path: PathBuf,
     db: sled::Db,
     clusters: sled::Tree,
+    /// sled's data file, opened again so that a flush can end with fsync:
+    /// sled's own flush uses `sync_file_range` on Linux, which neither
+    /// flushes the drive's write cache nor the file's metadata.
+    data_file: std::fs::File,
 }
 
 impl std::fmt::Debug for Store {
@@ -127,10 +135,16 @@ impl Store {
             }
         };
         let clusters = db.open_tree(CLUSTERS_TREE).map_err(|e| io(path, e))?;
+        let data_path = path.join(SLED_DATA_FILE);
+        let data_file = std::fs::File::open(&data_path).map_err(|e| StoreError::Io {
+            path: data_path.clone(),
+            message: e.to_string(),
+        })?;
         let store = Store {
             path: p,
             db,
             clusters,
+            data_file,
         };
         store.check_format(create && fresh)?;
         store.check_records()?;
@@ -166,6 +180,7 @@ impl Store {
                     .insert(FORMAT_KEY, &[STORE_FORMAT])
                     .map_err(|e| io(&self.path, e))?;
                 self.flush()?;
+                self.sync_dir()?;
                 Ok(())
             }
         }
@@ -250,10 +265,24 @@ impl Store {
         self.flush()
     }
 
-    /// Flushes everything written so far to disk.
+    /// Flushes everything written so far to disk: sled's flush, then fsync
+    /// of its data file.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(|e| io(&self.path, e))?;
+        self.data_file.sync_all().map_err(|e| StoreError::Io {
+            path: self.path.join(SLED_DATA_FILE),
+            message: format!("fsync: {e}"),
+        })?;
         Ok(())
+    }
+
+    /// Makes the directory entries of a new database durable.
+    fn sync_dir(&self) -> Result<(), StoreError> {
+        let dir = std::fs::File::open(&self.path).and_then(|d| d.sync_all());
+        dir.map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            message: format!("fsync of the directory: {e}"),
+        })
     }
 }
 
