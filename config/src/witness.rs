@@ -30,6 +30,8 @@ pub const MIN_FRAME_BYTES_LIMIT: u32 = 256;
 pub const MAX_CLUSTER_NAME: usize = 64;
 /// Most members a cluster may list.
 pub const MAX_MEMBERS: usize = 16;
+/// Most clusters one witness serves (a status of all of them fits one frame).
+pub const MAX_CLUSTERS: usize = 128;
 
 /// The whole `ftvm-witness` config file.
 #[derive(Debug, Clone, Deserialize)]
@@ -285,6 +287,16 @@ impl WitnessConfig {
                 f,
                 "cluster",
                 "at least one [[cluster]] table is required",
+            ));
+        }
+        if self.clusters.len() > MAX_CLUSTERS {
+            return Err(ConfigError::invalid(
+                f,
+                "cluster",
+                format!(
+                    "{} clusters; one witness serves at most {MAX_CLUSTERS}",
+                    self.clusters.len()
+                ),
             ));
         }
         for (i, c) in self.clusters.iter().enumerate() {
