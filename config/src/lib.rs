@@ -56,9 +56,12 @@ pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, Con
                 },
             }
         } else {
+            // serde_path_to_error sometimes already ends the path with the unknown field.
             let key = match unknown_field(&message) {
-                Some(field) => format!("{key}.{field}"),
-                None => key,
+                Some(field) if !key.ends_with(&format!(".{field}")) && key != field => {
+                    format!("{key}.{field}")
+                }
+                _ => key,
             };
             ConfigError::invalid(file, &key, message)
         }
@@ -117,6 +120,22 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("x.toml"), "{text}");
         assert!(text.contains("inner.sise"), "{text}");
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Many {
+        #[allow(dead_code)]
+        item: Vec<Inner>,
+    }
+
+    #[test]
+    fn unknown_key_in_array_of_tables_is_named_once() {
+        let err = parse_toml::<Many>(Path::new("x.toml"), "[[item]]\nsize = 1\nsise = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`item[0].sise`"), "{err}");
+        assert!(!err.contains("sise.sise"), "{err}");
     }
 
     #[test]
