@@ -10,8 +10,11 @@ use ftkv_core::Engine;
 
 use crate::disk::{Disk, DiskError, SECTOR};
 
-/// Bytes read per exit during boot replay.
-const READ_CHUNK: usize = 4 << 20;
+/// Bytes read per exit during boot replay. Disk reads are inputs: `ftvm
+/// record` logs all inputs of one exit as one log entry, and an entry is
+/// at most 1 MiB (`transport::frame`), so one exit must not read more than
+/// that, with room left for the RX frames delivered at the same exit.
+const READ_CHUNK: usize = 512 << 10;
 
 pub struct Aof {
     disk: Disk,
@@ -72,7 +75,7 @@ pub fn boot(disk: Disk, engine: &mut Engine, allow_format: bool) -> Result<(Aof,
     ))
 }
 
-/// Replays the whole log into `engine` (one exit per 4 MiB read).
+/// Replays the whole log into `engine` (one exit per 512 KiB read).
 fn replay(disk: &mut Disk, engine: &mut Engine) -> Result<ReplayReport, HeaderError> {
     let capacity = disk.capacity() - disk.capacity() % SECTOR as u64;
     let mut buf = vec![0u8; READ_CHUNK.min(capacity as usize)];

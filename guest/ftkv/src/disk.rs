@@ -113,7 +113,9 @@ impl Disk {
     }
 
     /// Reads `buf.len()` bytes (whole sectors) at byte `offset`: one exit
-    /// for up to `MAX_CHAINS` MiB.
+    /// for up to `MAX_CHAINS` MiB. Keep reads under 1 MiB per call when the
+    /// machine is recorded (all inputs of one exit form one log entry of at
+    /// most 1 MiB).
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         self.check_range(offset, buf.len())?;
         let first = offset / SECTOR as u64;

@@ -48,6 +48,8 @@ pub const OUT_HIGH: usize = 256 * 1024;
 /// Largest reply built for one command (MGET is the only one that can grow
 /// big: up to 1024 values of 512 KiB). Larger: `-ERR reply too large`.
 pub const MAX_REPLY: usize = 2 * 1024 * 1024;
+/// Below this many listening sockets, TIME-WAIT sockets are reused.
+const LISTEN_SPARE: usize = 8;
 /// Longest WAIT when nothing is scheduled.
 const IDLE_WAIT_NS: u64 = 1_000_000_000;
 /// Expired keys are purged (without logging) this often when idle.
@@ -77,6 +79,9 @@ struct Conn {
     /// Close once `out` is sent (QUIT or a protocol error); read no more.
     closing: bool,
     close_sent: bool,
+    /// The parser holds no complete command (the last `next_command` said
+    /// so): with the peer's side closed, nothing more can come.
+    drained: bool,
 }
 
 impl Conn {
@@ -215,9 +220,14 @@ pub fn run(settings: Settings, engine: Engine, log: Option<Aof>, mut device: Net
         let now_ms = server.clock.now_ms();
         let open = conns.iter().filter(|(_, c)| c.open).count();
         server.engine.set_connected_clients(open);
+        let mut listening = 0;
         for (handle, conn) in conns.iter_mut() {
             let socket = sockets.get_mut::<tcp::Socket>(*handle);
             server.service(conn, socket, settings.port, now_ms);
+            listening += usize::from(socket.state() == State::Listen);
+        }
+        if listening < LISTEN_SPARE {
+            recycle_time_wait(&mut sockets, &conns, settings.port);
         }
 
         // 3. Group commit: one write + FLUSH, one exit.
@@ -277,6 +287,21 @@ pub fn run(settings: Settings, engine: Engine, log: Option<Aof>, mut device: Net
     }
 }
 
+/// A socket is one connection slot, and smoltcp keeps a socket that closed
+/// first in TIME-WAIT for 10 s. When fewer than `LISTEN_SPARE` slots are
+/// listening, TIME-WAIT sockets are put back to listening at once (their
+/// final ACK has gone out with an earlier poll; a retransmitted FIN from
+/// the peer would now get a RST, which ends its side just the same).
+fn recycle_time_wait(sockets: &mut SocketSet<'_>, conns: &[(SocketHandle, Conn)], port: u16) {
+    for (handle, _) in conns {
+        let socket = sockets.get_mut::<tcp::Socket>(*handle);
+        if socket.state() == State::TimeWait {
+            socket.abort();
+            let _ = socket.listen(port);
+        }
+    }
+}
+
 fn configure(socket: &mut tcp::Socket) {
     // Replies are whole; do not wait to coalesce them.
     socket.set_nagle_enabled(false);
@@ -321,7 +346,10 @@ fn release(conn: &mut Conn, socket: &mut tcp::Socket) {
         conn.out.drain(..conn.out_pos);
         conn.out_pos = 0;
     }
-    let peer_done = !socket.may_recv() && conn.parser.buffered() == 0;
+    // The peer closed its side and everything it sent was executed: a
+    // partial command left in the parser can never complete (Redis drops
+    // it too).
+    let peer_done = !socket.may_recv() && !socket.can_recv() && conn.drained;
     if (conn.closing || peer_done) && conn.out.is_empty() && !conn.close_sent {
         socket.close();
         conn.close_sent = true;
@@ -351,10 +379,14 @@ impl Server {
         }
         loop {
             // Execute what is buffered, within the reply backlog.
+            conn.drained = false;
             while !conn.closing && conn.backlog() < OUT_HIGH {
                 match conn.parser.next_command() {
                     Ok(Some(args)) => self.execute(conn, &args, now_ms),
-                    Ok(None) => break,
+                    Ok(None) => {
+                        conn.drained = true;
+                        break;
+                    }
                     Err(e) => {
                         conn.held.extend_from_slice(&e.reply());
                         conn.held_count += 1;
