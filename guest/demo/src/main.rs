@@ -2,7 +2,8 @@
 //! prints `result=<16 hex digits>` and powers off with code 0.
 //!
 //! Command line: `workload=<name>` (default `mixed`) and `iterations=<n>`
-//! (default 1). The result folds in every clock value and entropy byte the
+//! (default 1). `exits`, `busy` and `kernel` are the machine benchmark's
+//! workloads (`bench machine`). The result folds in every clock value and entropy byte the
 //! guest consumed, so replaying with one logged input changed changes it.
 //! `fault-*` and `panic` workloads end the machine abnormally on purpose.
 
@@ -18,8 +19,8 @@ use workloads::Digest;
 
 ftvm_guest_rt::entry!(main);
 
-const WORKLOADS: &str =
-    "compute heap clock entropy mixed fault-ud fault-pf fault-gp fault-de panic";
+const WORKLOADS: &str = "compute heap clock entropy mixed exits busy kernel \
+     fault-ud fault-pf fault-gp fault-de panic";
 
 fn main() -> i32 {
     let workload = cmdline::get("workload").unwrap_or("mixed");
@@ -51,6 +52,9 @@ fn main() -> i32 {
         "clock" => (0..iterations).for_each(|_| workloads::clock(&mut digest, 200)),
         "entropy" => (0..iterations).for_each(|_| workloads::entropy(&mut digest, 4)),
         "mixed" => workloads::mixed(&mut digest, iterations),
+        "exits" => (0..iterations).for_each(|_| workloads::exits(&mut digest, 20_000)),
+        "busy" => workloads::busy(&mut digest, iterations),
+        "kernel" => workloads::kernel(&mut digest, iterations),
         "fault-ud" | "fault-pf" | "fault-gp" | "fault-de" | "panic" => workloads::fault(workload),
         other => {
             println!("demo: unknown workload {other:?}; known: {WORKLOADS}");

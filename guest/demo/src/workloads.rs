@@ -8,7 +8,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::arch::asm;
 
-use ftvm_guest_rt::{entropy as platform_entropy, now_ns, println, wait_until};
+use ftvm_guest_rt::{entropy as platform_entropy, nop, now_ns, println, wait_until};
 
 /// Order-sensitive 64-bit accumulator. Each step is a bijection of the state
 /// for a fixed input and of the input for a fixed state, so changing any one
@@ -343,6 +343,62 @@ pub fn mixed(digest: &mut Digest, iterations: u64) {
         heap(digest, 1);
         entropy(digest, 2);
         clock(digest, 80);
+    }
+}
+
+// ---------------------------------------------------------------- benchmark
+
+/// `count` NOP requests: nothing but exits. Folds every clock value.
+pub fn exits(digest: &mut Digest, count: u32) {
+    let first = now_ns();
+    for _ in 0..count {
+        nop();
+        digest.fold(now_ns());
+    }
+    println!(
+        "exits: {count} NOPs in {} us",
+        now_ns().saturating_sub(first) / 1000
+    );
+}
+
+/// Like `mixed` without the waits, so its time is the guest's work and the
+/// exits, never sleeping until a deadline: entropy, NOP bursts, compute and
+/// heap churn, about 2,000 exits per iteration.
+pub fn busy(digest: &mut Digest, iterations: u64) {
+    for iteration in 0..iterations {
+        println!("busy: iteration {iteration} at {} ns", now_ns());
+        digest.fold(now_ns());
+        entropy(digest, 1);
+        exits(digest, 600);
+        compute(digest, 1);
+        exits(digest, 600);
+        heap(digest, 1);
+        entropy(digest, 2);
+        exits(digest, 800);
+    }
+}
+
+/// The shared compute kernel (`guest/kernels`), run once untimed (so its
+/// scratch memory is touched) and then `runs` times, each timed with the
+/// platform clock (a NOP right before and after refreshes it; the interval
+/// includes about one exit). Prints `kernel: run=<i> kernel_ns=<n>
+/// checksum=<x>` per timed run; the bench compares with a native run.
+pub fn kernel(digest: &mut Digest, runs: u64) {
+    let mut scratch = vec![0u8; kernels::SCRATCH_LEN];
+    let warm = kernels::run(&mut scratch);
+    digest.fold(warm);
+    for run in 0..runs {
+        nop();
+        let start = now_ns();
+        let checksum = kernels::run(&mut scratch);
+        nop();
+        let elapsed = now_ns().saturating_sub(start);
+        digest.fold(checksum);
+        digest.fold(elapsed);
+        if checksum != warm {
+            println!("kernel: WARNING: checksum {checksum:016x} differs from warm-up {warm:016x}");
+        }
+        println!("kernel: run={run} kernel_ns={elapsed} checksum={checksum:016x}");
     }
 }
 
