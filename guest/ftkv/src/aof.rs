@@ -63,7 +63,6 @@ pub fn boot(disk: Disk, engine: &mut Engine, allow_format: bool) -> Result<(Aof,
         }
         Err(e) => return Err(format!("{e}; refusing to start (the disk is not changed)")),
     };
-    disk.exits = 0;
     let writer = LogWriter::resume(&report);
     Ok((
         Aof {
@@ -83,10 +82,7 @@ fn replay(disk: &mut Disk, engine: &mut Engine) -> Result<ReplayReport, HeaderEr
     if let Err(e) = disk.read(0, &mut buf[..first]) {
         panic!("ftkv: reading the log failed: {e}");
     }
-    let header = match aof::parse_header(&buf[..SECTOR]) {
-        Ok(h) => h,
-        Err(e) => return Err(e),
-    };
+    let header = aof::parse_header(&buf[..SECTOR])?;
     let mut replayer = Replayer::new(header, capacity);
     let mut more = replayer.feed(&buf[aof::LOG_START as usize..first], engine);
     let mut offset = first as u64;
@@ -123,10 +119,6 @@ impl Aof {
 
     pub fn capacity(&self) -> u64 {
         self.disk.capacity()
-    }
-
-    pub fn failed(&self) -> bool {
-        self.failed
     }
 
     /// Adds a record to the current batch; a full batch is written first
@@ -170,9 +162,5 @@ impl Aof {
         replay(&mut self.disk, engine)
             .map(|report| report.records)
             .map_err(|e| format!("{e}"))
-    }
-
-    pub fn stats(&self) -> (u64, u64, u64) {
-        (self.disk.writes, self.disk.flushes, self.disk.exits)
     }
 }

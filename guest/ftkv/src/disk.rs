@@ -50,6 +50,8 @@ pub enum DiskError {
     Queue(virtio_drivers::Error),
     /// A request outside the disk or not whole sectors.
     BadRange,
+    /// The slot holds another kind of device.
+    NotABlockDevice,
 }
 
 impl fmt::Display for DiskError {
@@ -58,6 +60,7 @@ impl fmt::Display for DiskError {
             DiskError::Status(s) => write!(f, "device status {s}"),
             DiskError::Queue(e) => write!(f, "virtqueue: {e:?}"),
             DiskError::BadRange => f.write_str("request outside the disk"),
+            DiskError::NotABlockDevice => f.write_str("slot 1 is not a block device"),
         }
     }
 }
@@ -79,16 +82,13 @@ pub struct Disk {
     queue: VirtQueue<PlatformHal, QUEUE_SIZE>,
     capacity: u64,
     has_flush: bool,
-    pub writes: u64,
-    pub flushes: u64,
-    pub exits: u64,
 }
 
 impl Disk {
     /// Initialises the device behind `transport` (a few MMIO exits, once).
     pub fn new(mut transport: MmioTransport<'static>) -> Result<Disk, DiskError> {
         if transport.device_type() != DeviceType::Block {
-            return Err(DiskError::Status(2));
+            return Err(DiskError::NotABlockDevice);
         }
         let features = transport.begin_init(BlkFeatures::FLUSH | BlkFeatures::VERSION_1);
         let lo: u32 = transport.read_config_space(0).map_err(DiskError::Queue)?;
@@ -101,9 +101,6 @@ impl Disk {
             queue,
             capacity: sectors.saturating_mul(SECTOR as u64),
             has_flush: features.contains(BlkFeatures::FLUSH),
-            writes: 0,
-            flushes: 0,
-            exits: 0,
         })
     }
 
@@ -146,21 +143,19 @@ impl Disk {
                 data: Data::Out(chunk),
             })
             .collect();
-        self.writes += reqs.len() as u64;
         if self.has_flush {
             reqs.push(Request {
                 kind: T_FLUSH,
                 sector: 0,
                 data: Data::None,
             });
-            self.flushes += 1;
         }
         self.execute(&mut reqs)
     }
 
     fn check_range(&self, offset: u64, len: usize) -> Result<(), DiskError> {
-        let ok = offset % SECTOR as u64 == 0
-            && len % SECTOR == 0
+        let ok = offset.is_multiple_of(SECTOR as u64)
+            && len.is_multiple_of(SECTOR)
             && len > 0
             && offset
                 .checked_add(len as u64)
@@ -198,9 +193,9 @@ impl Disk {
                 let token = unsafe {
                     match &mut req.data {
                         Data::None => self.queue.add(&[header], &mut [st.as_mut_slice()]),
-                        Data::In(buf) => {
-                            self.queue.add(&[header], &mut [&mut **buf, st.as_mut_slice()])
-                        }
+                        Data::In(buf) => self
+                            .queue
+                            .add(&[header], &mut [&mut **buf, st.as_mut_slice()]),
                         Data::Out(buf) => self.queue.add(&[header, *buf], &mut [st.as_mut_slice()]),
                     }
                 };
@@ -218,18 +213,21 @@ impl Disk {
             }
             // The exit that completes the whole round.
             nop();
-            self.exits += 1;
             for (i, (req, st)) in round.iter_mut().zip(status.iter_mut()).enumerate() {
                 let Some(token) = tokens[i] else { continue };
                 let header: &[u8] = &headers[i];
                 // SAFETY: the same buffers as given to `add` for this token.
                 let popped = unsafe {
                     match &mut req.data {
-                        Data::None => self.queue.pop_used(token, &[header], &mut [st.as_mut_slice()]),
-                        Data::In(buf) => {
+                        Data::None => {
                             self.queue
-                                .pop_used(token, &[header], &mut [&mut **buf, st.as_mut_slice()])
+                                .pop_used(token, &[header], &mut [st.as_mut_slice()])
                         }
+                        Data::In(buf) => self.queue.pop_used(
+                            token,
+                            &[header],
+                            &mut [&mut **buf, st.as_mut_slice()],
+                        ),
                         Data::Out(buf) => {
                             self.queue
                                 .pop_used(token, &[header, *buf], &mut [st.as_mut_slice()])

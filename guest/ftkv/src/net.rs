@@ -53,13 +53,6 @@ pub struct NetDevice {
     mac: [u8; 6],
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct NetStats {
-    pub rx_frames: u64,
-    pub tx_frames: u64,
-    pub tx_dropped: u64,
-}
-
 impl NetDevice {
     pub fn new(transport: MmioTransport<'static>) -> Result<NetDevice, virtio_drivers::Error> {
         let raw = Raw::new(transport)?;
@@ -125,15 +118,6 @@ impl NetDevice {
     /// True if a received frame waits in the used ring.
     pub fn rx_pending(&self) -> bool {
         self.inner.borrow().raw.poll_receive().is_some()
-    }
-
-    pub fn stats(&self) -> NetStats {
-        let inner = self.inner.borrow();
-        NetStats {
-            rx_frames: inner.rx_frames,
-            tx_frames: inner.tx_frames,
-            tx_dropped: inner.tx_dropped,
-        }
     }
 }
 

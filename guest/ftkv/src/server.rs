@@ -205,10 +205,7 @@ pub fn run(settings: Settings, engine: Engine, log: Option<Aof>, mut device: Net
         mac[5],
         heap_stats().used >> 10
     );
-    println!(
-        "ftkv: listening on {}:{}",
-        settings.ip, settings.port
-    );
+    println!("ftkv: listening on {}:{}", settings.ip, settings.port);
 
     let mut last_purge_ms = server.clock.now_ms();
     loop {
@@ -430,7 +427,10 @@ impl Server {
             if let Some(log) = self.log.as_mut() {
                 if let Err(e) = log.append(payload) {
                     // The change is in memory but cannot be made durable.
-                    println!("ftkv: cannot log a record of {} bytes: {e}", record_len(payload.len()));
+                    println!(
+                        "ftkv: cannot log a record of {} bytes: {e}",
+                        record_len(payload.len())
+                    );
                     self.engine.set_write_error(true);
                     self.log_broken = true;
                     conn.held.extend_from_slice(&self.disk_error_reply);
