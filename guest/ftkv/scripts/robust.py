@@ -156,7 +156,7 @@ def t_no_reader():
     # the server must stop executing for it (backpressure) and stay fine.
     s = conn()
     s.setblocking(False)
-    req = cmd('GET', 'big') * 1000
+    req = cmd('GET', 'big') * 200000   # 100 GB of replies if all were built
     sent = 0
     t0 = time.time()
     while sent < len(req) and time.time() - t0 < 3:
@@ -164,6 +164,7 @@ def t_no_reader():
             sent += s.send(req[sent:])
         except BlockingIOError:
             time.sleep(0.05)
+    assert sent < len(req), 'the server never pushed back'
     ping_ok()
     others = [conn() for _ in range(5)]
     for o in others:
