@@ -213,7 +213,7 @@ fn stop_on_signals(waker: Waker) -> Result<Arc<VcpuControl>> {
             if let Some(sig) = signals.forever().next() {
                 tracing::warn!(signal = sig, "stopping the machine at its next exit");
                 c.stop();
-                waker.wake();
+                waker.stop();
             }
         })
         .context("starting the signal thread")?;
@@ -381,6 +381,10 @@ fn log_dump(path: &Path, tail: Option<usize>) -> Result<ExitCode> {
                 outcome,
                 digest,
             } => println!("end {ordinal}: {outcome} {}", &hex(digest)[..16]),
+            Entry::Inputs { ordinal, inputs } => {
+                let inputs: Vec<String> = inputs.iter().map(|i| i.to_string()).collect();
+                println!("inputs {ordinal}: [{}]", inputs.join("; "));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

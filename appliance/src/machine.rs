@@ -285,7 +285,11 @@ impl Machine {
             mem: &self.vm.mem,
             env: &mut *env,
             ordinal: self.ordinal,
+            input_delivered: false,
         };
+        // Service the virtio queues before the device acts, so that buffers
+        // queued before a WAIT are seen before it sleeps, and again after it.
+        self.mmio.poll(&mut ctx)?;
         let action = match exit {
             VcpuExit::IoOut(port, data) => self.pio.write(&mut ctx, port, data)?,
             VcpuExit::IoIn(port, data) => self.pio.read(&mut ctx, port, data)?,

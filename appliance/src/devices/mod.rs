@@ -15,6 +15,9 @@ pub struct ExitContext<'a> {
     pub mem: &'a GuestMemory,
     pub env: &'a mut dyn Environment,
     pub ordinal: u64,
+    /// Set when a device handed the guest new input during this exit; a
+    /// WAIT at the same exit then returns at once instead of sleeping.
+    pub input_delivered: bool,
 }
 
 /// What the machine does after a device handled an exit.

@@ -55,6 +55,16 @@ pub enum Input {
     DiskRead(Vec<u8>),
 }
 
+impl Input {
+    /// Bytes of payload this input carries.
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Input::Entropy(b) | Input::NetRx(b) | Input::DiskRead(b) => b.len(),
+            Input::Wake { .. } => 16,
+        }
+    }
+}
+
 impl fmt::Display for Input {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let short = |b: &[u8]| blake3::hash(b).to_hex()[..16].to_string();

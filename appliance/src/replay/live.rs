@@ -8,27 +8,48 @@ use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Wakes a guest that is waiting: devices with new input (and shutdown) call it.
+/// Wakes a guest that is waiting: the TAP reader when a frame arrives, and
+/// the signal handler when the machine must stop (sticky: every later wait
+/// returns at once).
 #[derive(Debug, Clone, Default)]
 pub struct Waker {
-    inner: Arc<(Mutex<bool>, Condvar)>,
+    inner: Arc<(Mutex<WakeState>, Condvar)>,
+}
+
+#[derive(Debug, Default)]
+struct WakeState {
+    input: bool,
+    stopping: bool,
 }
 
 impl Waker {
+    /// New input may be waiting.
     pub fn wake(&self) {
         let (lock, cv) = &*self.inner;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).input = true;
         cv.notify_all();
     }
 
-    /// Waits up to `timeout` for a wake; returns whether one came (and clears it).
+    /// The machine is stopping: no wait may block any more.
+    pub fn stop(&self) {
+        let (lock, cv) = &*self.inner;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).stopping = true;
+        cv.notify_all();
+    }
+
+    /// Forgets input wakes already seen (their frames were taken at an exit).
+    fn clear_input(&self) {
+        self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).input = false;
+    }
+
+    /// Waits up to `timeout` for a wake; returns whether input (not a stop) came.
     fn wait_for(&self, timeout: Duration) -> bool {
         let (lock, cv) = &*self.inner;
         let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
         let (mut guard, _) = cv
-            .wait_timeout_while(guard, timeout, |woken| !*woken)
+            .wait_timeout_while(guard, timeout, |w| !w.input && !w.stopping)
             .unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut *guard)
+        std::mem::take(&mut guard.input)
     }
 }
 
@@ -90,6 +111,9 @@ impl LiveWorld {
 
     pub fn wait_until(&mut self, deadline_ns: u64) -> WaitOutcome {
         let now = self.now_ns();
+        // Clear first, then look: a frame arriving after the look sets the
+        // flag again and ends the wait, so none is missed and none is stale.
+        self.waker.clear_input();
         if self.tap.as_mut().is_some_and(Tap::has_pending) {
             return WaitOutcome {
                 input_arrived: true,

@@ -54,14 +54,21 @@ pub enum Entry {
         outcome: Outcome,
         digest: [u8; 32],
     },
+    /// More inputs of exit `ordinal`, when they do not fit one entry.
+    Inputs { ordinal: u64, inputs: Vec<Input> },
 }
+
+/// Input bytes one entry carries before the rest go into `Inputs` entries
+/// (an entry must fit one frame).
+pub const INPUT_BYTES_PER_ENTRY: usize = 256 << 10;
 
 impl Entry {
     pub fn ordinal(&self) -> u64 {
         match self {
             Entry::Exit { ordinal, .. }
             | Entry::Digest { ordinal, .. }
-            | Entry::End { ordinal, .. } => *ordinal,
+            | Entry::End { ordinal, .. }
+            | Entry::Inputs { ordinal, .. } => *ordinal,
         }
     }
 }

@@ -6,7 +6,7 @@ use super::env::{
     DigestDue, EnvError, Environment, ExitPoint, Input, LocalRead, Outcome, WaitOutcome,
 };
 use super::live::LiveWorld;
-use super::log::{Entry, LogWriter};
+use super::log::{Entry, LogWriter, INPUT_BYTES_PER_ENTRY};
 use std::io::Write;
 
 /// When state digests are taken.
@@ -37,6 +37,7 @@ pub struct Recorder<W: Write> {
     log: LogWriter<W>,
     schedule: DigestSchedule,
     pending: Option<Entry>,
+    pending_bytes: usize,
 }
 
 impl<W: Write> Recorder<W> {
@@ -46,13 +47,30 @@ impl<W: Write> Recorder<W> {
             log,
             schedule,
             pending: None,
+            pending_bytes: 0,
         }
     }
 
-    fn push_input(&mut self, input: Input) {
-        if let Some(Entry::Exit { inputs, .. }) = &mut self.pending {
-            inputs.push(input);
+    /// Adds an input to the current exit's entry; a large exit continues in
+    /// `Inputs` entries so every entry fits one frame.
+    fn push_input(&mut self, input: Input) -> Result<(), EnvError> {
+        let size = input.payload_len();
+        if self.pending_bytes > 0 && self.pending_bytes + size > INPUT_BYTES_PER_ENTRY {
+            if let Some(full) = self.pending.take() {
+                let ordinal = full.ordinal();
+                self.log.append(&full)?;
+                self.pending = Some(Entry::Inputs {
+                    ordinal,
+                    inputs: Vec::new(),
+                });
+                self.pending_bytes = 0;
+            }
         }
+        if let Some(Entry::Exit { inputs, .. } | Entry::Inputs { inputs, .. }) = &mut self.pending {
+            inputs.push(input);
+            self.pending_bytes += size;
+        }
+        Ok(())
     }
 
     /// Log bytes and entries written so far.
@@ -74,12 +92,13 @@ impl<W: Write> Environment for Recorder<W> {
             clock_ns,
             inputs: Vec::new(),
         });
+        self.pending_bytes = 0;
         Ok(clock_ns)
     }
 
     fn entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError> {
         self.live.fill_entropy(buf)?;
-        self.push_input(Input::Entropy(buf.to_vec()));
+        self.push_input(Input::Entropy(buf.to_vec()))?;
         Ok(())
     }
 
@@ -88,14 +107,14 @@ impl<W: Write> Environment for Recorder<W> {
         self.push_input(Input::Wake {
             input_arrived: out.input_arrived,
             now_ns: out.now_ns,
-        });
+        })?;
         Ok(out)
     }
 
     fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError> {
         let frame = self.live.receive_frame();
         if let Some(f) = &frame {
-            self.push_input(Input::NetRx(f.clone()));
+            self.push_input(Input::NetRx(f.clone()))?;
         }
         Ok(frame)
     }
@@ -107,7 +126,7 @@ impl<W: Write> Environment for Recorder<W> {
 
     fn disk_read(&mut self, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError> {
         LiveWorld::read_local(buf, local)?;
-        self.push_input(Input::DiskRead(buf.to_vec()));
+        self.push_input(Input::DiskRead(buf.to_vec()))?;
         Ok(())
     }
 

@@ -36,7 +36,22 @@ impl<R: Read> Replayer<R> {
         }
     }
 
+    /// Loads continuation inputs of the current exit when the queue runs dry.
+    fn refill(&mut self) -> Result<(), EnvError> {
+        if self.inputs.is_empty() {
+            if let Some(Entry::Inputs { ordinal, .. }) = self.log.peek_entry()? {
+                if *ordinal == self.ordinal {
+                    if let Some(Entry::Inputs { inputs, .. }) = self.log.next_entry()? {
+                        self.inputs = inputs.into();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn next_input(&mut self, wanted: &str) -> Result<Input, EnvError> {
+        self.refill()?;
         self.inputs.pop_front().ok_or_else(|| {
             self.diverged(format!(
                 "guest asked for {wanted}, but the log has no further input at this exit"
@@ -82,6 +97,11 @@ impl<R: Read> Environment for Replayer<R> {
             } => Err(self.diverged(format!(
                 "the log has a state digest for exit {logged} where exit {ordinal} was expected"
             ))),
+            Entry::Inputs {
+                ordinal: logged, ..
+            } => Err(self.diverged(format!(
+                "the log has more inputs for exit {logged} that the guest did not take before exit {ordinal}"
+            ))),
         }
     }
 
@@ -114,6 +134,7 @@ impl<R: Read> Environment for Replayer<R> {
     }
 
     fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError> {
+        self.refill()?;
         if matches!(self.inputs.front(), Some(Input::NetRx(_))) {
             if let Some(Input::NetRx(frame)) = self.inputs.pop_front() {
                 return Ok(Some(frame));
@@ -143,6 +164,7 @@ impl<R: Read> Environment for Replayer<R> {
     }
 
     fn exit_done(&mut self) -> Result<(), EnvError> {
+        self.refill()?;
         if let Some(left) = self.inputs.front() {
             return Err(self.diverged(format!(
                 "the primary's guest consumed input ({left}) at this exit, this guest did not"

@@ -25,6 +25,8 @@ const S_UNSUPP: u8 = 2;
 
 /// Largest single request the device accepts (bigger ones get IOERR).
 const MAX_REQUEST: u64 = 4 << 20;
+/// Reads are handed to the environment in pieces of at most this size.
+const READ_PIECE: u64 = 128 << 10;
 
 pub struct Block {
     disk: DiskImage,
@@ -98,14 +100,21 @@ impl Block {
                 }
                 let mut offset = sector * SECTOR_SIZE;
                 for d in data {
-                    let mut buf = vec![0u8; d.len as usize];
-                    let disk = &self.disk;
-                    ctx.env.disk_read(&mut buf, &mut |b: &mut [u8]| {
-                        disk.read_at(offset, b).map_err(|e| e.to_string())
-                    })?;
-                    mem.write_slice(&buf, d.addr)
-                        .map_err(Self::mem_err(d.addr))?;
-                    offset += u64::from(d.len);
+                    // In pieces, so each logged read fits a log entry.
+                    let mut done = 0u64;
+                    while done < u64::from(d.len) {
+                        let n = (u64::from(d.len) - done).min(READ_PIECE);
+                        let mut buf = vec![0u8; n as usize];
+                        let disk = &self.disk;
+                        let at = offset;
+                        ctx.env.disk_read(&mut buf, &mut |b: &mut [u8]| {
+                            disk.read_at(at, b).map_err(|e| e.to_string())
+                        })?;
+                        let addr = d.addr.unchecked_add(done);
+                        mem.write_slice(&buf, addr).map_err(Self::mem_err(addr))?;
+                        offset += n;
+                        done += n;
+                    }
                 }
                 self.reads += 1;
                 Ok((S_OK, total as u32))

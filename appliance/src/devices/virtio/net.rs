@@ -111,6 +111,7 @@ impl VirtioDevice for Net {
                 let len = write_chain(mem, chain, &buf)?;
                 rx.add_used(mem, head, len).map_err(DeviceError::Queue)?;
                 self.rx_frames += 1;
+                ctx.input_delivered = true;
             }
         }
         Ok(())
