@@ -1,9 +1,11 @@
 //! Helpers shared by ftvm's end-to-end tests and the `bench` binary: locating
 //! the built binaries, and writing benchmark tables into docs/BENCHMARKS.md.
 
+pub mod bench_ftkv;
 pub mod bench_machine;
 pub mod bench_witness;
 pub mod report;
+pub mod site;
 
 use std::path::PathBuf;
 
@@ -46,4 +48,16 @@ pub fn kvm_available(test: &str) -> bool {
             false
         }
     }
+}
+
+/// Where `cargo build` put the guest images (target/guest/.../release).
+pub fn guest_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    // target/<profile>/ -> target/guest/x86_64-unknown-linux-gnu/release
+    dir.pop();
+    dir.join("guest/x86_64-unknown-linux-gnu/release")
 }

@@ -29,9 +29,14 @@ const GROUPS: &[Group] = &[
         // No quick variant: it takes a few seconds.
         run: |bin_dir, _quick| ftvm_tests::bench_witness::run(bin_dir),
     },
+    Group {
+        name: "ftkv",
+        needs: &["ftvm"],
+        run: ftvm_tests::bench_ftkv::run,
+    },
 ];
 
-const USAGE: &str = "usage: bench [machine|witness|all] [--quick]";
+const USAGE: &str = "usage: bench [machine|witness|ftkv|all] [--quick]";
 
 fn main() -> ExitCode {
     match real_main() {

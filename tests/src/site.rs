@@ -1,0 +1,261 @@
+//! Test sites: network namespaces with a TAP device for a guest, processes
+//! that are killed when the test ends, and a running ftkv VM.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// True when the test can create namespaces and TAP devices; otherwise
+/// prints a SKIPPED line with the reason.
+pub fn root_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let why = if euid != 0 {
+        Some("not running as root (network namespaces and TAP devices need root)".to_string())
+    } else if !Path::new("/dev/net/tun").exists() {
+        Some("/dev/net/tun is missing".to_string())
+    } else if Command::new("ip").arg("-V").output().is_err() {
+        Some("the `ip` command (iproute2) is missing".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(w) => {
+            println!("SKIPPED {test}: {w}");
+            false
+        }
+        None => true,
+    }
+}
+
+/// True when `tool` runs; otherwise prints a SKIPPED line naming the package.
+pub fn tool_available(test: &str, tool: &str, package: &str) -> bool {
+    if Command::new(tool).arg("--version").output().is_ok() {
+        return true;
+    }
+    println!("SKIPPED {test}: `{tool}` is not installed (Debian package {package}; scripts/setup.sh installs it)");
+    false
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = NetNs { name };
+        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    /// Creates a persistent TAP `tap` with the host side at `host_cidr`.
+    pub fn add_tap(&self, tap: &str, host_cidr: &str) -> Result<()> {
+        run(
+            Command::new("ip").args(["-n", &self.name, "tuntap", "add", "dev", tap, "mode", "tap"])
+        )?;
+        run(Command::new("ip").args(["-n", &self.name, "addr", "add", host_cidr, "dev", tap]))?;
+        run(Command::new("ip").args(["-n", &self.name, "link", "set", tap, "up"]))?;
+        Ok(())
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped, unless waited for.
+#[derive(Debug)]
+pub struct Guard {
+    pub child: Option<Child>,
+}
+
+impl Guard {
+    pub fn spawn(cmd: &mut Command) -> Result<Self> {
+        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Guard { child: Some(child) })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
+    pub fn wait_output(mut self) -> Result<Output> {
+        let child = self.child.take().context("already waited")?;
+        Ok(child.wait_with_output()?)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Where the guest lives in every test site.
+pub const GUEST_IP: &str = "10.0.2.15";
+pub const HOST_CIDR: &str = "10.0.2.1/24";
+pub const GUEST_MAC: &str = "52:54:00:12:34:56";
+pub const TAP: &str = "ftvm0";
+
+/// The built ftkv guest image.
+pub fn ftkv_image() -> PathBuf {
+    crate::guest_dir().join("ftkv")
+}
+
+/// Guest memory for ftkv in tests: ftkv sizes its connection count to a
+/// worst case of ~5.4 MiB each plus twice `maxmemory` (docs in guest/ftkv),
+/// so 1 GiB with `maxmemory=32M` serves all 128 connections. Host memory is
+/// only used as the guest touches it.
+pub const FTKV_MEMORY_MIB: u64 = 1024;
+
+/// Writes an ftvm config running ftkv on `disk`, with its console in `dir`.
+pub fn ftkv_config(dir: &Path, disk: &Path, memory_mib: u64) -> Result<PathBuf> {
+    let p = dir.join("ftkv.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[machine]\nimage = {:?}\nmemory_mib = {memory_mib}\ncmdline = \"ip={GUEST_IP}/24 gw=10.0.2.1 maxmemory=33554432\"\n\
+             [net]\ntap = \"{TAP}\"\nmac = \"{GUEST_MAC}\"\n\
+             [disk]\npath = {:?}\n\
+             [console]\noutput = {:?}\n",
+            ftkv_image(),
+            disk,
+            dir.join("console.log")
+        ),
+    )?;
+    Ok(p)
+}
+
+/// Creates a disk image with `ftvm disk create`.
+pub fn create_disk(path: &Path, size: &str) -> Result<()> {
+    run(Command::new(crate::bin("ftvm"))
+        .args(["disk", "create"])
+        .arg(path)
+        .args(["--size", size]))?;
+    Ok(())
+}
+
+/// Runs `redis-cli` in `ns` against the guest with `args`; returns stdout.
+pub fn redis_cli(ns: &NetNs, args: &[&str]) -> Result<String> {
+    let out = ns
+        .command("timeout")
+        .args(["30", "redis-cli", "-h", GUEST_IP])
+        .args(args)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Waits until the guest answers PING (or `timeout` passes).
+pub fn wait_for_ping(ns: &NetNs, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if redis_cli(ns, &["PING"]).is_ok_and(|o| o == "PONG") {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("ftkv did not answer PING within {timeout:?}")
+}
+
+/// A site: a namespace with a TAP, and the VM running in it.
+#[derive(Debug)]
+pub struct FtkvSite {
+    pub ns: NetNs,
+    pub vm: Option<Guard>,
+    pub config: PathBuf,
+}
+
+impl FtkvSite {
+    /// A namespace with the TAP ready; no VM yet.
+    pub fn new(prefix: &str, config: PathBuf) -> Result<Self> {
+        let ns = NetNs::new(prefix)?;
+        ns.add_tap(TAP, HOST_CIDR)?;
+        Ok(FtkvSite {
+            ns,
+            vm: None,
+            config,
+        })
+    }
+
+    /// Starts `ftvm <args...> --config <config>` in the namespace and waits for PING.
+    pub fn start(&mut self, args: &[&str]) -> Result<()> {
+        let mut cmd = self.ns.command(crate::bin("ftvm"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        self.vm = Some(Guard::spawn(&mut cmd)?);
+        wait_for_ping(&self.ns, Duration::from_secs(20))
+    }
+
+    /// Stops the VM with SIGTERM and returns its stdout.
+    pub fn stop(&mut self) -> Result<String> {
+        let vm = self.vm.take().context("no VM running")?;
+        vm.signal(libc::SIGTERM);
+        let out = vm.wait_output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Kills the VM with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            vm.signal(libc::SIGKILL);
+            let _ = vm.wait_output();
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        redis_cli(&self.ns, args)
+    }
+}
