@@ -45,7 +45,8 @@ cli INCR visits
 cli MSET a 1 b 2
 cli MGET a b
 echo "\$ redis-benchmark -t set,get -n 20000 -c 50 -q"
-ip netns exec "$NS" redis-benchmark -h 10.0.2.15 -t set,get -n 20000 -c 50 -q
+ip netns exec "$NS" redis-benchmark -h 10.0.2.15 -t set,get -n 20000 -c 50 -q \
+  | tr '\r' '\n' | grep 'requests per second' 
 kill -TERM "$VM"; wait "$VM"; VM=
 grep -E '^(record|disk):' "$OUT/ftkv-record.out"
 

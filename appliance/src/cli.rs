@@ -333,7 +333,9 @@ fn demo(config: &Path, dir: &Path) -> Result<ExitCode> {
         "== replaying {} (the guest's console is silent on replay)",
         log.display()
     );
-    Ok(replay(&cfg, &log))
+    let mut quiet = cfg.clone();
+    quiet.console.output = ConsoleOutput::None;
+    Ok(replay(&quiet, &log))
 }
 
 fn log_dump(path: &Path, tail: Option<usize>) -> Result<ExitCode> {
