@@ -21,17 +21,22 @@ fn site(prefix: &str, dir: &std::path::Path) -> FtkvSite {
     FtkvSite::new(prefix, cfg).unwrap()
 }
 
+/// One redis-cli connection in the site's namespace, reading commands from
+/// its stdin (ended by `timeout` if the test goes wrong).
+fn spawn_cli(s: &FtkvSite) -> std::process::Child {
+    s.ns.command("timeout")
+        .args(["120", "redis-cli", "-h", GUEST_IP])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Feeds `commands` (one per line) to one redis-cli connection in the site's
 /// namespace; returns its reply lines.
 fn pipe_cli(s: &FtkvSite, commands: &str) -> Vec<String> {
-    let mut child =
-        s.ns.command("timeout")
-            .args(["120", "redis-cli", "-h", GUEST_IP])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+    let mut child = spawn_cli(s);
     child
         .stdin
         .take()
@@ -76,14 +81,7 @@ fn round_trips_and_64_concurrent_counters() {
     let script: String = (0..1000).map(|i| format!("INCR c{}\n", i % 4)).collect();
     let clients: Vec<_> = (0..64)
         .map(|_| {
-            let mut child =
-                s.ns.command("timeout")
-                    .args(["120", "redis-cli", "-h", GUEST_IP])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap();
+            let mut child = spawn_cli(&s);
             let mut stdin = child.stdin.take().unwrap();
             let text = script.clone();
             let writer = std::thread::spawn(move || stdin.write_all(text.as_bytes()));
@@ -130,14 +128,7 @@ fn acknowledged_writes_survive_power_off_and_sigkill() {
     // SIGKILL under a write load from four clients.
     let writers: Vec<_> = (0..4)
         .map(|c| {
-            let mut child =
-                s.ns.command("timeout")
-                    .args(["120", "redis-cli", "-h", GUEST_IP])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap();
+            let mut child = spawn_cli(&s);
             let mut stdin = child.stdin.take().unwrap();
             let text: String = (0..200_000)
                 .map(|i| format!("SET w{c}-{i} x{i}\n"))
@@ -279,13 +270,7 @@ fn hostile_clients_leave_ftkv_serving() {
     let mut s = site("ftkv-bad", dir.path());
     s.start(&["run"]).unwrap();
     // A well-behaved client holds a connection open throughout.
-    let mut good =
-        s.ns.command("timeout")
-            .args(["120", "redis-cli", "-h", GUEST_IP])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+    let mut good = spawn_cli(&s);
     let mut good_in = good.stdin.take().unwrap();
     good_in.write_all(b"SET survivor yes\n").unwrap();
 

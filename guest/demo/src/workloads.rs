@@ -63,8 +63,8 @@ impl XorShift {
 pub fn compute(digest: &mut Digest, scale: usize) {
     let hash = hash_buffer(4 * 1024 * 1024 * scale);
     let (prime_count, prime_sum) = primes(2_000_000 * scale);
-    let (mandel_iters, mandel_sum) = mandelbrot(160, 120, 256 * scale as u32);
-    let roots = sum_of_roots(20_000 * scale);
+    let (mandel_iters, mandel_sum) = kernels::mandelbrot(160, 120, 256 * scale as u32);
+    let roots = kernels::sum_of_roots(20_000 * scale);
     digest.fold(hash);
     digest.fold(prime_count as u64);
     digest.fold(prime_sum);
@@ -106,43 +106,6 @@ fn primes(limit: usize) -> (usize, u64) {
         }
     }
     (count, sum)
-}
-
-/// Mandelbrot set escape times (f64, SSE2): total iterations and a float sum.
-fn mandelbrot(width: u32, height: u32, max_iter: u32) -> (u64, f64) {
-    let mut total = 0u64;
-    let mut magnitude_sum = 0.0f64;
-    for py in 0..height {
-        for px in 0..width {
-            let cx = -2.2 + 3.2 * f64::from(px) / f64::from(width);
-            let cy = -1.2 + 2.4 * f64::from(py) / f64::from(height);
-            let (mut x, mut y) = (0.0f64, 0.0f64);
-            let mut i = 0;
-            while i < max_iter && x * x + y * y <= 4.0 {
-                let xt = x * x - y * y + cx;
-                y = 2.0 * x * y + cy;
-                x = xt;
-                i += 1;
-            }
-            total += u64::from(i);
-            magnitude_sum += x * x + y * y;
-        }
-    }
-    (total, magnitude_sum)
-}
-
-/// Sum of square roots by Newton's method, in f32 (core has no sqrt).
-fn sum_of_roots(n: usize) -> f32 {
-    let mut sum = 0.0f32;
-    for k in 1..=n {
-        let v = k as f32;
-        let mut r = v / 2.0 + 0.5;
-        for _ in 0..8 {
-            r = 0.5 * (r + v / r);
-        }
-        sum += r;
-    }
-    sum
 }
 
 // ---------------------------------------------------------------- heap

@@ -104,7 +104,7 @@ fn sieve(composite: &mut [u8]) -> (usize, u64) {
 }
 
 /// Mandelbrot escape times (f64, SSE2): total iterations and a float sum.
-fn mandelbrot(width: u32, height: u32, max_iter: u32) -> (u64, f64) {
+pub fn mandelbrot(width: u32, height: u32, max_iter: u32) -> (u64, f64) {
     let mut total = 0u64;
     let mut magnitude_sum = 0.0f64;
     for py in 0..height {
@@ -127,7 +127,7 @@ fn mandelbrot(width: u32, height: u32, max_iter: u32) -> (u64, f64) {
 }
 
 /// Sum of square roots by Newton's method, in f32 (core has no sqrt).
-fn sum_of_roots(n: usize) -> f32 {
+pub fn sum_of_roots(n: usize) -> f32 {
     let mut sum = 0.0f32;
     for k in 1..=n {
         let v = k as f32;

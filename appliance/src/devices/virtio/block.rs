@@ -174,9 +174,7 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // capacity (u64, in sectors) is the only field offered.
         let cap = (self.disk.size() / SECTOR_SIZE).to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = cap.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&cap, offset, data);
     }
 
     fn process(

@@ -42,6 +42,17 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// Serves a config-space read from `config`: bytes past its end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o + i))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Copies `src` into guest memory across the writable descriptors of a chain.
 pub(crate) fn write_chain(
     mem: &GuestMemory,

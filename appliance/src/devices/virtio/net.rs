@@ -63,9 +63,7 @@ impl VirtioDevice for Net {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&self.mac);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = config.get(offset as usize + i).copied().unwrap_or(0);
-        }
+        super::read_config_bytes(&config, offset, data);
     }
 
     fn process(
