@@ -106,6 +106,8 @@ pub fn run(bin_dir: &Path, quick: bool) -> Result<String> {
                     "6380",
                     "--bind",
                     "10.0.2.1",
+                    "--protected-mode",
+                    "no",
                     "--save",
                     "",
                     "--appendonly",
