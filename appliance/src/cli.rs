@@ -214,6 +214,7 @@ fn stop_on_signals(waker: Waker) -> Result<Arc<VcpuControl>> {
                 tracing::warn!(signal = sig, "stopping the machine at its next exit");
                 c.stop();
                 waker.stop();
+                c.kick_until_finished(std::time::Duration::from_millis(20));
             }
         })
         .context("starting the signal thread")?;
@@ -374,7 +375,10 @@ fn log_dump(path: &Path, tail: Option<usize>) -> Result<ExitCode> {
                 if *full {
                     "full".to_string()
                 } else {
-                    format!("{} pages", pages.iter().map(|r| r.count).sum::<u64>())
+                    format!(
+                        "{} pages",
+                        pages.iter().fold(0u64, |a, r| a.saturating_add(r.count))
+                    )
                 },
                 &hex(hash)[..16]
             ),

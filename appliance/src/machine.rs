@@ -20,6 +20,7 @@ use crate::vstate::vcpu::{Checkpoint, Vcpu, VcpuControl, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 use ftvm_config::appliance::ApplianceConfig;
 use kvm_ioctls::VcpuExit;
+use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,21 @@ impl MachineError {
             _ => None,
         }
     }
+}
+
+/// A stop waits at most this long for the guest's next exit.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// What one entry into the guest came back with.
+#[derive(Debug)]
+enum Step {
+    /// KVM_RUN returned for a host reason (a kick): not counted, and guest
+    /// instructions may have run since the last counted exit.
+    Host,
+    /// A counted exit was handled; the machine goes on.
+    Guest,
+    /// The machine ended at this exit.
+    Ended(Outcome),
 }
 
 /// How a run ended.
@@ -208,8 +224,31 @@ impl Machine {
         env: &mut dyn Environment,
         control: &VcpuControl,
     ) -> Result<RunSummary, MachineError> {
+        // True while no guest instruction can have run since the last counted
+        // exit: only there can a stop be recorded and replayed exactly.
+        let mut at_boundary = true;
+        let mut stop_since: Option<Instant> = None;
         loop {
-            if control.checkpoint() == Checkpoint::Stop || env.stopped_at(self.ordinal)? {
+            let stop_requested = control.checkpoint() == Checkpoint::Stop;
+            if stop_requested && !at_boundary {
+                let since = *stop_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > STOP_GRACE {
+                    // The guest makes no exits: stop between two of them. Such a
+                    // state cannot be replayed, so the log gets no end marker.
+                    tracing::warn!(
+                        exits = self.ordinal,
+                        "the guest made no exit within {STOP_GRACE:?} of the stop request; \
+                         stopping between exits (the log has no end marker)"
+                    );
+                    return Ok(RunSummary {
+                        outcome: Outcome::Stopped,
+                        exits: self.ordinal,
+                        digest: self.final_digest()?,
+                    });
+                }
+            }
+            if (stop_requested && at_boundary) || env.stopped_at(self.ordinal)? {
+                self.complete_pending_io()?;
                 let digest = self.final_digest()?;
                 env.finish(self.ordinal, &Outcome::Stopped, digest)?;
                 return Ok(RunSummary {
@@ -218,24 +257,46 @@ impl Machine {
                     digest,
                 });
             }
-            if let Some(outcome) = self.step(env)? {
-                let digest = self.final_digest()?;
-                env.finish(self.ordinal, &outcome, digest)?;
-                return Ok(RunSummary {
-                    outcome,
-                    exits: self.ordinal,
-                    digest,
-                });
+            match self.step(env)? {
+                Step::Host => at_boundary = false,
+                Step::Guest => at_boundary = true,
+                Step::Ended(outcome) => {
+                    let digest = self.final_digest()?;
+                    env.finish(self.ordinal, &outcome, digest)?;
+                    return Ok(RunSummary {
+                        outcome,
+                        exits: self.ordinal,
+                        digest,
+                    });
+                }
             }
         }
     }
 
-    /// Enters the guest once and handles the exit. `Some` when the machine ended.
-    fn step(&mut self, env: &mut dyn Environment) -> Result<Option<Outcome>, MachineError> {
+    /// Lets KVM finish the last exit's I/O (advance past an OUT, load the
+    /// value of an IN or MMIO read) without running any guest instruction,
+    /// so a stopped machine is in the same state on both sides.
+    fn complete_pending_io(&mut self) -> Result<(), MachineError> {
+        self.vcpu.fd.set_kvm_immediate_exit(1);
+        let result = self.vcpu.fd.run().map(|exit| format!("{exit:?}"));
+        self.vcpu.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(MachineError::Run(e)),
+            Ok(exit) => Err(MachineError::Internal(format!(
+                "exit {exit} while completing I/O for a stop"
+            ))),
+        }
+    }
+
+    /// Enters the guest once and handles the exit.
+    fn step(&mut self, env: &mut dyn Environment) -> Result<Step, MachineError> {
         let exit = match self.vcpu.fd.run() {
             Ok(exit) => exit,
             // A kick from the controller: host-caused, not counted.
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(None),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(Step::Host)
+            }
             Err(e) => return Err(MachineError::Run(e)),
         };
         let point = match &exit {
@@ -275,7 +336,7 @@ impl Machine {
                 size: 0,
                 value: 0,
             },
-            VcpuExit::Intr => return Ok(None),
+            VcpuExit::Intr => return Ok(Step::Host),
             other => return Err(MachineError::Internal(format!("{other:?}"))),
         };
         self.ordinal += 1;
@@ -285,51 +346,72 @@ impl Machine {
             mem: &self.vm.mem,
             env: &mut *env,
             ordinal: self.ordinal,
-            input_delivered: false,
+            deliver_input: false,
         };
-        // Service the virtio queues before the device acts, so that buffers
-        // queued before a WAIT are seen before it sleeps, and again after it.
-        self.mmio.poll(&mut ctx)?;
-        let action = match exit {
-            VcpuExit::IoOut(port, data) => self.pio.write(&mut ctx, port, data)?,
-            VcpuExit::IoIn(port, data) => self.pio.read(&mut ctx, port, data)?,
-            VcpuExit::MmioRead(addr, data) if MmioBus::claims(addr) => {
-                self.mmio.read(addr, data);
-                DeviceAction::Continue
-            }
-            VcpuExit::MmioWrite(addr, data) if MmioBus::claims(addr) => {
-                self.mmio.write(&mut ctx, addr, data)?
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                data.fill(0xff);
-                DeviceAction::Stop(Outcome::BadAccess {
-                    kind: ExitKind::MmioRead,
+        let (pio, mmio) = (&mut self.pio, &mut self.mmio);
+        let handled = (|| -> Result<DeviceAction, DeviceError> {
+            // Service the virtio queues before the device acts, so that frames
+            // and disk requests queued before a WAIT are handled before it
+            // sleeps; received frames come only in the pass after it.
+            mmio.poll(&mut ctx)?;
+            let action = match exit {
+                VcpuExit::IoOut(port, data) => pio.write(&mut ctx, port, data)?,
+                VcpuExit::IoIn(port, data) => pio.read(&mut ctx, port, data)?,
+                VcpuExit::MmioRead(addr, data) if MmioBus::claims(addr) => {
+                    mmio.read(addr, data);
+                    DeviceAction::Continue
+                }
+                VcpuExit::MmioWrite(addr, data) if MmioBus::claims(addr) => {
+                    mmio.write(&mut ctx, addr, data)?
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    data.fill(0xff);
+                    DeviceAction::Stop(Outcome::BadAccess {
+                        kind: ExitKind::MmioRead,
+                        addr,
+                        rip: 0,
+                    })
+                }
+                VcpuExit::MmioWrite(addr, _) => DeviceAction::Stop(Outcome::BadAccess {
+                    kind: ExitKind::MmioWrite,
                     addr,
                     rip: 0,
+                }),
+                VcpuExit::Hlt => DeviceAction::Stop(Outcome::Halted { rip: 0 }),
+                _ => DeviceAction::Stop(Outcome::TripleFault { rip: 0 }),
+            };
+            // Every exit services the virtio queues: inputs reach the guest here.
+            ctx.deliver_input = true;
+            mmio.poll(&mut ctx)?;
+            Ok(action)
+        })();
+        let action = match handled {
+            Ok(action) => action,
+            // The guest handed a device a buffer outside its memory or broke a
+            // queue: its own fault, the same on both sides, so it ends the
+            // machine as a guest outcome rather than a VMM error.
+            Err(e @ (DeviceError::Memory { .. } | DeviceError::Queue(_))) => {
+                DeviceAction::Stop(Outcome::DeviceFault {
+                    what: e.to_string(),
                 })
             }
-            VcpuExit::MmioWrite(addr, _) => DeviceAction::Stop(Outcome::BadAccess {
-                kind: ExitKind::MmioWrite,
-                addr,
-                rip: 0,
-            }),
-            VcpuExit::Hlt => DeviceAction::Stop(Outcome::Halted { rip: 0 }),
-            _ => DeviceAction::Stop(Outcome::TripleFault { rip: 0 }),
+            Err(e) => return Err(e.into()),
         };
-        // Every exit services the virtio queues: inputs reach the guest here.
-        self.mmio.poll(&mut ctx)?;
         env.exit_done()?;
         let outcome = match action {
             DeviceAction::Continue => None,
             DeviceAction::Stop(outcome) => Some(self.with_rip(outcome)?),
             DeviceAction::GuestException(vector) => Some(self.exception(vector)?),
         };
-        if outcome.is_none() {
-            if let Some(due) = env.digest_due(self.ordinal)? {
-                self.digest(env, due)?;
+        match outcome {
+            Some(outcome) => Ok(Step::Ended(outcome)),
+            None => {
+                if let Some(due) = env.digest_due(self.ordinal)? {
+                    self.digest(env, due)?;
+                }
+                Ok(Step::Guest)
             }
         }
-        Ok(outcome)
     }
 
     fn with_rip(&self, outcome: Outcome) -> Result<Outcome, MachineError> {
@@ -346,14 +428,18 @@ impl Machine {
     /// CPL0 stack (error code, RIP, CS, RFLAGS, RSP, SS).
     fn exception(&self, vector: u8) -> Result<Outcome, MachineError> {
         let rsp = self.vcpu.regs()?.rsp;
-        let cr2 = self.vcpu.sregs()?.cr2;
+        let sregs = self.vcpu.sregs()?;
+        let cr2 = sregs.cr2;
         let mut frame = [0u64; 2];
-        for (i, slot) in frame.iter_mut().enumerate() {
-            *slot = self
-                .vm
-                .mem
-                .read_obj(GuestAddress(rsp + 8 * i as u64))
-                .unwrap_or(0);
+        // Only the CPL0 stubs leave an exception frame; a CPL3 guest writing
+        // the crash port itself gets a report with zeros.
+        if sregs.cs.dpl == 0 {
+            for (i, slot) in frame.iter_mut().enumerate() {
+                *slot = rsp
+                    .checked_add(8 * i as u64)
+                    .and_then(|a| self.vm.mem.read_obj(GuestAddress(a)).ok())
+                    .unwrap_or(0);
+            }
         }
         Ok(Outcome::Crash {
             vector,

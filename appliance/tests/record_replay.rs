@@ -20,6 +20,11 @@ fn kvm(test: &str) -> bool {
     {
         Ok(_) => true,
         Err(e) => {
+            // CI sets FTVM_REQUIRE_ALL_TESTS=1: there a missing /dev/kvm is a failure.
+            assert!(
+                std::env::var("FTVM_REQUIRE_ALL_TESTS").map_or(true, |v| v != "1"),
+                "/dev/kvm cannot be opened ({e}) and FTVM_REQUIRE_ALL_TESTS=1"
+            );
             println!("SKIPPED {test}: /dev/kvm cannot be opened ({e})");
             false
         }

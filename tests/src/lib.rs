@@ -42,11 +42,7 @@ pub fn kvm_available(test: &str) -> bool {
         .open("/dev/kvm")
     {
         Ok(_) => true,
-        Err(e) => {
-            println!("SKIPPED {test}: /dev/kvm cannot be opened ({e})");
-            eprintln!("SKIPPED {test}: /dev/kvm cannot be opened ({e})");
-            false
-        }
+        Err(e) => skip(test, &format!("/dev/kvm cannot be opened ({e})")),
     }
 }
 
@@ -60,4 +56,15 @@ pub fn guest_dir() -> PathBuf {
     // target/<profile>/ -> target/guest/x86_64-unknown-linux-gnu/release
     dir.pop();
     dir.join("guest/x86_64-unknown-linux-gnu/release")
+}
+
+/// Reports a test that cannot run here: a SKIPPED line with the reason, or,
+/// when `FTVM_REQUIRE_ALL_TESTS=1` (CI sets it), a failure.
+pub fn skip(test: &str, why: &str) -> bool {
+    if std::env::var("FTVM_REQUIRE_ALL_TESTS").is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run: {why} (FTVM_REQUIRE_ALL_TESTS=1)");
+    }
+    println!("SKIPPED {test}: {why}");
+    eprintln!("SKIPPED {test}: {why}");
+    false
 }

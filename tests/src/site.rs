@@ -24,10 +24,7 @@ pub fn root_available(test: &str) -> bool {
         None
     };
     match why {
-        Some(w) => {
-            println!("SKIPPED {test}: {w}");
-            false
-        }
+        Some(w) => crate::skip(test, &w),
         None => true,
     }
 }
@@ -37,8 +34,12 @@ pub fn tool_available(test: &str, tool: &str, package: &str) -> bool {
     if Command::new(tool).arg("--version").output().is_ok() {
         return true;
     }
-    println!("SKIPPED {test}: `{tool}` is not installed (Debian package {package}; scripts/setup.sh installs it)");
-    false
+    crate::skip(
+        test,
+        &format!(
+            "`{tool}` is not installed (Debian package {package}; scripts/setup.sh installs it)"
+        ),
+    )
 }
 
 fn run(cmd: &mut Command) -> Result<Output> {

@@ -305,6 +305,10 @@ fn network_and_disk_traffic_replays_and_a_flipped_frame_diverges() {
     let mut s = site("ftkv-rr", dir.path());
     let start_copy = dir.path().join("start.img");
     std::fs::copy(dir.path().join("ftkv.img"), &start_copy).unwrap();
+    // A state digest every 8 exits, so a divergence is reported close to its cause.
+    let mut cfg_text = std::fs::read_to_string(&s.config).unwrap();
+    cfg_text.push_str("[replay]\ndigest_interval = 8\n");
+    std::fs::write(&s.config, cfg_text).unwrap();
     let log_path = dir.path().join("ftkv.ftlog");
     s.start(&["record", "--log", log_path.to_str().unwrap()])
         .unwrap();
@@ -381,6 +385,10 @@ fn network_and_disk_traffic_replays_and_a_flipped_frame_diverges() {
     assert!(
         n >= at,
         "divergence {n} reported before the flipped frame at {at}"
+    );
+    assert!(
+        n <= at + 8,
+        "divergence at {n} is more than one digest interval after the flipped frame at {at}: {line}"
     );
 }
 

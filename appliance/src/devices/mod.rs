@@ -15,9 +15,11 @@ pub struct ExitContext<'a> {
     pub mem: &'a GuestMemory,
     pub env: &'a mut dyn Environment,
     pub ordinal: u64,
-    /// Set when a device handed the guest new input during this exit; a
-    /// WAIT at the same exit then returns at once instead of sleeping.
-    pub input_delivered: bool,
+    /// Whether devices may hand the guest outside input (received frames)
+    /// now. Only the service pass after the exit's device access does, so
+    /// replay can never deliver a frame at an earlier point of the exit than
+    /// the recording (an empty answer from the live world is not logged).
+    pub deliver_input: bool,
 }
 
 /// What the machine does after a device handled an exit.

@@ -159,11 +159,6 @@ impl Platform {
                     .map_err(mem_err(a0))?;
                 true
             }
-            OP_WAIT if ctx.input_delivered => {
-                // Input reached the guest during this very exit: no sleep.
-                ret[0] = 1;
-                true
-            }
             OP_WAIT => {
                 let out = ctx.env.wait(a0)?;
                 write_clock(ctx.mem, out.now_ns, ctx.ordinal)?;

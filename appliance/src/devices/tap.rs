@@ -154,8 +154,16 @@ impl Tap {
 
     /// Sends a frame; a failed send is a lost packet, as on any network.
     pub fn send(&mut self, frame: &[u8]) {
-        if let Err(e) = self.file.write(frame) {
-            tracing::debug!(tap = %self.name, error = %e, "TAP write failed; frame dropped");
+        loop {
+            match self.file.write(frame) {
+                // The vCPU thread's kick signal can interrupt the write.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(tap = %self.name, error = %e, "TAP write failed; frame dropped");
+                }
+                Ok(_) => {}
+            }
+            return;
         }
     }
 }

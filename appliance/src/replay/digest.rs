@@ -42,7 +42,7 @@ pub fn runs_from_bitmap(bits: &[u64], pages: u64) -> Vec<PageRun> {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("digest: page run {first}+{count} is outside guest memory ({pages} pages)")]
+#[error("digest: page run {first}+{count} is out of order or outside guest memory ({pages} pages)")]
 pub struct DigestError {
     first: u64,
     count: u64,
@@ -76,15 +76,21 @@ pub fn pages_digest(
     h.update(b"ftvm-digest-pages-v1");
     h.update(&(regs.len() as u64).to_le_bytes());
     h.update(regs);
-    let mut buf = vec![0u8; 64 << 10];
+    // Runs from a log must be ascending, disjoint and inside memory, so a
+    // hostile log cannot make the backup hash memory over and over.
+    let mut next_free = 0u64;
     for r in runs {
-        if r.first.checked_add(r.count).is_none_or(|e| e > pages_total) {
+        if r.first < next_free || r.first.checked_add(r.count).is_none_or(|e| e > pages_total) {
             return Err(DigestError {
                 first: r.first,
                 count: r.count,
                 pages: pages_total,
             });
         }
+        next_free = r.first + r.count;
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    for r in runs {
         h.update(&r.first.to_le_bytes());
         h.update(&r.count.to_le_bytes());
         hash_range(
@@ -116,6 +122,16 @@ pub fn hex(d: &[u8; 32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_or_outside_runs_are_refused() {
+        let mem = crate::vstate::memory::create(1 << 20).unwrap();
+        let run = |first, count| PageRun { first, count };
+        assert!(pages_digest(&mem, 256, b"r", &[run(0, 2), run(5, 1)]).is_ok());
+        assert!(pages_digest(&mem, 256, b"r", &[run(0, 2), run(1, 1)]).is_err());
+        assert!(pages_digest(&mem, 256, b"r", &[run(250, 10)]).is_err());
+        assert!(pages_digest(&mem, 256, b"r", &[run(u64::MAX, 2)]).is_err());
+    }
 
     #[test]
     fn bitmap_runs_coalesce() {

@@ -113,6 +113,11 @@ pub enum Outcome {
         addr: u64,
         rip: u64,
     },
+    /// The guest gave a device an invalid request (a buffer outside its
+    /// memory, a broken virtqueue).
+    DeviceFault {
+        what: String,
+    },
     /// Stopped from outside (operator, shutdown); not a guest decision.
     Stopped,
 }
@@ -167,6 +172,9 @@ impl fmt::Display for Outcome {
                 f,
                 "guest crashed: {kind:?} at unmapped address {addr:#x} rip={rip:#x}"
             ),
+            Outcome::DeviceFault { what } => {
+                write!(f, "guest crashed: invalid device request: {what}")
+            }
             Outcome::Stopped => write!(f, "stopped"),
         }
     }

@@ -211,7 +211,7 @@ impl<R: Read> Environment for Replayer<R> {
             } else {
                 format!(
                     "{} dirtied pages",
-                    pages.iter().map(|r| r.count).sum::<u64>()
+                    pages.iter().fold(0u64, |a, r| a.saturating_add(r.count))
                 )
             };
             return Err(EnvError::Diverged {

@@ -258,6 +258,21 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
+    /// Keeps kicking the vCPU thread every `every` until it has finished, so a
+    /// stop cannot be lost to a kick that landed just before KVM_RUN.
+    pub fn kick_until_finished(&self, every: Duration) {
+        loop {
+            {
+                let inner = self.lock();
+                if inner.state == VcpuState::Finished {
+                    return;
+                }
+                self.kick(&inner);
+            }
+            std::thread::sleep(every);
+        }
+    }
+
     /// Called by the vCPU loop between KVM_RUNs: blocks while paused.
     pub fn checkpoint(&self) -> Checkpoint {
         let mut inner = self.lock();

@@ -9,6 +9,7 @@ const VERSION: u32 = 2;
 const VENDOR: u32 = 0x4654_564d; // "FTVM"
 
 const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_FAILED: u32 = 128;
 
 pub struct MmioTransport {
@@ -142,6 +143,12 @@ impl MmioTransport {
                     self.reset();
                 } else {
                     self.status = v;
+                    // A driver that did not accept VIRTIO_F_VERSION_1 is refused
+                    // at FEATURES_OK: the bit reads back clear (virtio 1.x 3.1.1).
+                    if v & STATUS_FEATURES_OK != 0 && self.driver_features & VIRTIO_F_VERSION_1 == 0
+                    {
+                        self.status &= !STATUS_FEATURES_OK;
+                    }
                     if v & STATUS_DRIVER_OK != 0 && v & STATUS_FAILED == 0 && !self.active {
                         self.activate(ctx);
                     }

@@ -86,7 +86,10 @@ impl VirtioDevice for Net {
                 tx.add_used(mem, head, 0).map_err(DeviceError::Queue)?;
             }
         }
-        if let Some(rx) = queues.get_mut(RX_QUEUE).filter(|q| q.ready()) {
+        if let Some(rx) = queues
+            .get_mut(RX_QUEUE)
+            .filter(|q| ctx.deliver_input && q.ready())
+        {
             while has_available(rx, mem) {
                 let Some(frame) = ctx.env.net_rx()? else {
                     break;
@@ -109,7 +112,6 @@ impl VirtioDevice for Net {
                 let len = write_chain(mem, chain, &buf)?;
                 rx.add_used(mem, head, len).map_err(DeviceError::Queue)?;
                 self.rx_frames += 1;
-                ctx.input_delivered = true;
             }
         }
         Ok(())
