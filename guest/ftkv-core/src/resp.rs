@@ -743,16 +743,7 @@ echo \"a b\\x41\\n\" 'c\\'d'\n*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n";
         );
     }
 
-    /// A small deterministic PRNG (xorshift64*).
-    pub(crate) struct Rng(pub u64);
-    impl Rng {
-        pub fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-    }
+    use crate::tests::Rng;
 
     #[test]
     fn random_bytes_never_panic() {
