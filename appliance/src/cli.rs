@@ -4,7 +4,7 @@ use crate::devices::console::Console;
 use crate::machine::{Machine, MachineError, RunSummary};
 use crate::replay::digest::hex;
 use crate::replay::live::{LiveWorld, Waker};
-use crate::replay::log::{LogReader, LogWriter};
+use crate::replay::log::{DiskReads, LogReader, LogWriter};
 use crate::replay::recorder::{DigestSchedule, Recorder};
 use crate::replay::replayer::Replayer;
 use crate::vstate::vcpu::VcpuControl;
@@ -38,6 +38,10 @@ pub enum Command {
         config: PathBuf,
         #[arg(long)]
         log: PathBuf,
+        /// How disk reads are logged: `ship` (the data) or `backup-reads`
+        /// (a hash; replay reads its own disk copy and checks it).
+        #[arg(long, default_value = "ship", value_parser = parse_disk_reads)]
+        disk_reads: DiskReads,
     },
     /// Replay a recorded log and check the guest follows it exactly.
     Replay {
@@ -110,9 +114,13 @@ pub fn main() -> ExitCode {
 fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
         Command::Run { config } => run(&config),
-        Command::Record { config, log } => {
+        Command::Record {
+            config,
+            log,
+            disk_reads,
+        } => {
             let cfg = ApplianceConfig::load(&config)?;
-            record(&cfg, &log)
+            record(&cfg, &log, disk_reads)
         }
         Command::Replay {
             config,
@@ -150,6 +158,14 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                 }
             }
         }
+    }
+}
+
+fn parse_disk_reads(s: &str) -> Result<DiskReads, String> {
+    match s {
+        "ship" => Ok(DiskReads::Ship),
+        "backup-reads" => Ok(DiskReads::BackupReads),
+        other => Err(format!("{other:?} is not `ship` or `backup-reads`")),
     }
 }
 
@@ -238,16 +254,16 @@ fn run(config: &Path) -> Result<ExitCode> {
 }
 
 /// Records a run of `cfg` into `log`; prints `record: exits=<N> digest=<hex>`.
-pub fn record(cfg: &ApplianceConfig, log: &Path) -> Result<ExitCode> {
+pub fn record(cfg: &ApplianceConfig, log: &Path, disk_reads: DiskReads) -> Result<ExitCode> {
     let mut machine = Machine::new(cfg, open_console(cfg)?)?;
-    let writer = LogWriter::create(log, &machine.log_header())?;
+    let writer = LogWriter::create(log, &machine.log_header(disk_reads, "", 0))?;
     let schedule = DigestSchedule {
         interval: cfg.replay.digest_interval,
         full_every: cfg.replay.full_digest_every,
     };
     let live = live_world(cfg)?;
     let control = stop_on_signals(live.waker())?;
-    let mut rec = Recorder::new(live, writer, schedule);
+    let mut rec = Recorder::new(live, writer, schedule, disk_reads);
     let summary = machine.run(&mut rec, &control)?;
     let (bytes, entries) = rec.log_stats();
     report_outcome(&summary);
@@ -326,7 +342,7 @@ fn demo(config: &Path, dir: &Path) -> Result<ExitCode> {
         cfg.machine.image.display(),
         log.display()
     );
-    let code = record(&cfg, &log)?;
+    let code = record(&cfg, &log, DiskReads::Ship)?;
     if code != ExitCode::SUCCESS {
         return Ok(code);
     }
@@ -340,38 +356,59 @@ fn demo(config: &Path, dir: &Path) -> Result<ExitCode> {
 }
 
 fn log_dump(path: &Path, tail: Option<usize>) -> Result<ExitCode> {
-    use crate::replay::log::{read_all, Entry};
+    use crate::replay::log::{read_all, Entry, TxCheck};
     let (h, entries) = read_all(path)?;
     println!(
-        "header: format={} image={} memory={} MiB cmdline={:?} entries={}",
+        "header: format={} image={} memory={} MiB cmdline={:?} disk_reads={} epoch={} first_index={} entries={}",
         h.format_version,
-        &hex(&h.image_hash)[..16],
-        h.memory_size >> 20,
-        h.cmdline,
+        &hex(&h.shape.image_hash)[..16],
+        h.shape.memory_size >> 20,
+        h.shape.cmdline,
+        h.disk_reads.name(),
+        h.epoch,
+        h.first_index,
         entries.len()
     );
     let skip = tail.map_or(0, |n| entries.len().saturating_sub(n));
-    for e in &entries[skip..] {
+    let list = |inputs: &[crate::replay::env::Input]| {
+        inputs
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let tail_of = |more: bool, tx: &Option<TxCheck>| {
+        let mut t = String::new();
+        if let Some(tx) = tx {
+            t.push_str(&format!(" tx={}:{}", tx.frames, &hex(&tx.digest)[..16]));
+        }
+        if more {
+            t.push_str(" (continues)");
+        }
+        t
+    };
+    for (i, e) in entries.iter().enumerate().skip(skip) {
+        let index = h.first_index + i as u64;
         match e {
             Entry::Exit {
                 ordinal,
                 point,
                 clock_ns,
                 inputs,
-            } => {
-                let inputs: Vec<String> = inputs.iter().map(|i| i.to_string()).collect();
-                println!(
-                    "exit {ordinal}: {point} clock={clock_ns} [{}]",
-                    inputs.join("; ")
-                );
-            }
+                more,
+                tx,
+            } => println!(
+                "#{index} exit {ordinal}: {point} clock={clock_ns} [{}]{}",
+                list(inputs),
+                tail_of(*more, tx)
+            ),
             Entry::Digest {
                 ordinal,
                 full,
                 pages,
                 hash,
             } => println!(
-                "digest {ordinal}: {} {}",
+                "#{index} digest {ordinal}: {} {}",
                 if *full {
                     "full".to_string()
                 } else {
@@ -386,11 +423,18 @@ fn log_dump(path: &Path, tail: Option<usize>) -> Result<ExitCode> {
                 ordinal,
                 outcome,
                 digest,
-            } => println!("end {ordinal}: {outcome} {}", &hex(digest)[..16]),
-            Entry::Inputs { ordinal, inputs } => {
-                let inputs: Vec<String> = inputs.iter().map(|i| i.to_string()).collect();
-                println!("inputs {ordinal}: [{}]", inputs.join("; "));
-            }
+            } => println!("#{index} end {ordinal}: {outcome} {}", &hex(digest)[..16]),
+            Entry::Inputs {
+                ordinal,
+                inputs,
+                more,
+                tx,
+            } => println!(
+                "#{index} inputs {ordinal}: [{}]{}",
+                list(inputs),
+                tail_of(*more, tx)
+            ),
+            Entry::Invalid => println!("#{index} invalid"),
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -13,7 +13,7 @@ use crate::devices::{DeviceAction, DeviceError, ExitContext};
 use crate::loader::{GuestImage, ImageError, LoadedImage};
 use crate::replay::digest::{self, DigestError, PageRun};
 use crate::replay::env::{DigestDue, EnvError, Environment, ExitKind, ExitPoint, Outcome};
-use crate::replay::log::{LogHeader, LOG_FORMAT_VERSION};
+use crate::replay::log::{DiskReads, DiskShape, LogHeader, MachineShape, LOG_FORMAT_VERSION};
 use crate::vstate::boot;
 use crate::vstate::layout::PAGE_SIZE;
 use crate::vstate::vcpu::{Checkpoint, Vcpu, VcpuControl, VcpuError};
@@ -99,7 +99,7 @@ pub struct Machine {
     pio: PioBus,
     mmio: MmioBus,
     image: GuestImage,
-    cmdline: String,
+    shape: MachineShape,
     ordinal: u64,
     pages: u64,
 }
@@ -140,6 +140,13 @@ impl Machine {
             Box::new(Platform::new(console, mem_size)),
         )?;
         let mut mmio = MmioBus::new();
+        let mut shape = MachineShape {
+            image_hash: image.hash,
+            memory_size: mem_size,
+            cmdline: cfg.machine.cmdline.clone(),
+            net_mac: None,
+            disk: None,
+        };
         if let Some(net) = &cfg.net {
             let mac = net.mac_bytes().ok_or_else(|| MachineError::Config {
                 path: cfg.source.clone(),
@@ -147,9 +154,14 @@ impl Machine {
                 message: format!("{:?} is not a MAC address", net.mac),
             })?;
             mmio.attach(0, MmioTransport::new(Box::new(Net::new(mac))));
+            shape.net_mac = Some(mac);
         }
         if let Some(disk) = &cfg.disk {
             let image = ftvm_storage::DiskImage::open(&disk.path, disk.chunk_size)?;
+            shape.disk = Some(DiskShape {
+                size: image.size(),
+                chunk_size: image.chunk_size(),
+            });
             mmio.attach(1, MmioTransport::new(Box::new(Block::new(image))));
         }
         // Setup writes are the same on both sides; digests cover execution only.
@@ -161,43 +173,51 @@ impl Machine {
             pio,
             mmio,
             image,
-            cmdline: cfg.machine.cmdline.clone(),
+            shape,
             ordinal: 0,
             pages,
         })
     }
 
-    /// The header a log of this machine carries.
-    pub fn log_header(&self) -> LogHeader {
+    /// What a log or a peer must match to run on this machine.
+    pub fn shape(&self) -> &MachineShape {
+        &self.shape
+    }
+
+    /// The header of a log of this machine from its current state.
+    pub fn log_header(&self, disk_reads: DiskReads, cluster: &str, epoch: u64) -> LogHeader {
         LogHeader {
             format_version: LOG_FORMAT_VERSION,
-            image_hash: self.image.hash,
-            memory_size: self.vm.mem_size(),
-            cmdline: self.cmdline.clone(),
+            shape: self.shape.clone(),
+            disk_reads,
+            disk_root: self.disk_root(),
+            cluster: cluster.to_string(),
+            epoch,
+            first_index: 1,
+            start_ordinal: self.ordinal,
         }
     }
 
-    /// Checks that a log was recorded from this machine's image and settings.
+    /// Checks that a log was recorded from this machine's image, settings
+    /// and disk contents.
     pub fn check_log_header(&self, h: &LogHeader) -> Result<(), String> {
-        if h.image_hash != self.image.hash {
+        if let Some(why) = self.shape.mismatch(&h.shape, "the log") {
+            return Err(format!("{why} ({})", self.image.path.display()));
+        }
+        if h.start_ordinal != self.ordinal {
             return Err(format!(
-                "the log was recorded with guest image {}, but {} is {}",
-                &digest::hex(&h.image_hash)[..16],
-                self.image.path.display(),
-                &digest::hex(&self.image.hash)[..16]
+                "the log starts after exit {}, this machine is at exit {}",
+                h.start_ordinal, self.ordinal
             ));
         }
-        if h.memory_size != self.vm.mem_size() {
+        if h.disk_root != self.disk_root() {
+            let show = |r: Option<[u8; 32]>| {
+                r.map_or("no disk".to_string(), |r| digest::hex(&r)[..16].to_string())
+            };
             return Err(format!(
-                "the log was recorded with {} MiB of memory, the config has {} MiB",
-                h.memory_size >> 20,
-                self.vm.mem_size() >> 20
-            ));
-        }
-        if h.cmdline != self.cmdline {
-            return Err(format!(
-                "the log was recorded with command line {:?}, the config has {:?}",
-                h.cmdline, self.cmdline
+                "the log starts from a disk with root {}, this disk's root is {} (replay against a copy of the disk the recording started from)",
+                show(h.disk_root),
+                show(self.disk_root())
             ));
         }
         Ok(())

@@ -336,7 +336,7 @@ fn bad_logs_and_images_give_clear_errors() {
     let other_cfg = config(d, "other", &other_img, "workload=compute", 8);
     let o = replay(&other_cfg, &log);
     assert!(
-        replay_line(&o).contains("recorded with guest image"),
+        replay_line(&o).contains("the log has guest image"),
         "{}",
         replay_line(&o)
     );

@@ -37,8 +37,13 @@ impl Environment for Counting {
     fn net_tx(&mut self, frame: &[u8]) -> Result<(), EnvError> {
         self.live.net_tx(frame)
     }
-    fn disk_read(&mut self, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError> {
-        self.live.disk_read(buf, local)
+    fn disk_read(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        local: LocalRead<'_>,
+    ) -> Result<(), EnvError> {
+        self.live.disk_read(offset, buf, local)
     }
     fn exit_done(&mut self) -> Result<(), EnvError> {
         Ok(())

@@ -154,17 +154,58 @@ impl Tap {
 
     /// Sends a frame; a failed send is a lost packet, as on any network.
     pub fn send(&mut self, frame: &[u8]) {
-        loop {
-            match self.file.write(frame) {
-                // The vCPU thread's kick signal can interrupt the write.
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::debug!(tap = %self.name, error = %e, "TAP write failed; frame dropped");
-                }
-                Ok(_) => {}
-            }
-            return;
+        send_frame(&self.file, &self.name, frame);
+    }
+
+    /// A second handle for sending frames from another thread (the output
+    /// gate's), writing to the same device.
+    pub fn writer(&self) -> Result<TapWriter, TapError> {
+        let file = self.file.try_clone().map_err(|source| TapError::Open {
+            name: self.name.clone(),
+            source,
+        })?;
+        Ok(TapWriter {
+            name: self.name.clone(),
+            file,
+        })
+    }
+
+    /// Drops every frame received so far (a backup going live must not hand
+    /// its guest frames that arrived while it was silent).
+    pub fn discard_received(&mut self) -> usize {
+        let mut n = usize::from(self.peeked.take().is_some());
+        while self.rx.try_recv().is_ok() {
+            n += 1;
         }
+        n
+    }
+}
+
+/// The sending half of a [`Tap`].
+#[derive(Debug)]
+pub struct TapWriter {
+    name: String,
+    file: File,
+}
+
+impl TapWriter {
+    /// Sends a frame; a failed send is a lost packet, as on any network.
+    pub fn send(&self, frame: &[u8]) {
+        send_frame(&self.file, &self.name, frame);
+    }
+}
+
+fn send_frame(mut file: &File, name: &str, frame: &[u8]) {
+    loop {
+        match file.write(frame) {
+            // The vCPU thread's kick signal can interrupt the write.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::debug!(tap = %name, error = %e, "TAP write failed; frame dropped");
+            }
+            Ok(_) => {}
+        }
+        return;
     }
 }
 

@@ -53,6 +53,9 @@ pub enum Input {
     NetRx(Vec<u8>),
     /// Data a disk read returned (`ship` mode: the primary's bytes).
     DiskRead(Vec<u8>),
+    /// A disk read's length and the blake3 of its data (`backup-reads`
+    /// mode: the backup reads its own disk and checks the hash).
+    DiskReadHash { len: u32, hash: [u8; 32] },
 }
 
 impl Input {
@@ -61,6 +64,7 @@ impl Input {
         match self {
             Input::Entropy(b) | Input::NetRx(b) | Input::DiskRead(b) => b.len(),
             Input::Wake { .. } => 16,
+            Input::DiskReadHash { .. } => 36,
         }
     }
 }
@@ -76,6 +80,11 @@ impl fmt::Display for Input {
             } => write!(f, "wake at {now_ns} ns (input arrived: {input_arrived})"),
             Input::NetRx(b) => write!(f, "received frame of {} bytes ({})", b.len(), short(b)),
             Input::DiskRead(b) => write!(f, "disk read of {} bytes ({})", b.len(), short(b)),
+            Input::DiskReadHash { len, hash } => write!(
+                f,
+                "disk read of {len} bytes, data hash {}",
+                &blake3::Hash::from(*hash).to_hex()[..16]
+            ),
         }
     }
 }
@@ -210,6 +219,10 @@ pub enum EnvError {
     Entropy(#[source] std::io::Error),
     #[error("local disk read failed, stopping rather than diverging: {0}")]
     DiskRead(String),
+    /// The machine was asked to stop while it waited for the log or for
+    /// room in it; the exit in progress was not completed.
+    #[error("stopped while waiting for the log at exit {ordinal}")]
+    Interrupted { ordinal: u64 },
 }
 
 /// Reads this site's own disk into a buffer.
@@ -228,8 +241,14 @@ pub trait Environment {
     fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError>;
     /// A frame the guest sent (an output).
     fn net_tx(&mut self, frame: &[u8]) -> Result<(), EnvError>;
-    /// Data for a guest disk read; `local` reads this site's own disk.
-    fn disk_read(&mut self, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError>;
+    /// Data for a guest disk read of `buf.len()` bytes at byte `offset`;
+    /// `local` reads this site's own disk.
+    fn disk_read(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        local: LocalRead<'_>,
+    ) -> Result<(), EnvError>;
     /// The exit has been handled.
     fn exit_done(&mut self) -> Result<(), EnvError>;
     /// Whether a state digest is taken after exit `ordinal`, and of which pages.

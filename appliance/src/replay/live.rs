@@ -2,7 +2,7 @@
 
 use super::digest::PageRun;
 use super::env::{DigestDue, EnvError, Environment, ExitPoint, LocalRead, Outcome, WaitOutcome};
-use crate::devices::tap::{Tap, TapError};
+use crate::devices::tap::{Tap, TapError, TapWriter};
 use std::fs::File;
 use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex};
@@ -53,40 +53,87 @@ impl Waker {
     }
 }
 
+/// Where the guest's transmitted frames go in the live world: straight to
+/// the TAP, or through the output gate (`ft::output_gate`) that holds each
+/// frame until the backup has every log entry it depends on.
+pub trait FrameOutput: Send + std::fmt::Debug {
+    /// Sends `frame`, which depends on log entries up to index `depends_on`
+    /// (0 when nothing is logged).
+    fn send(&mut self, frame: &[u8], depends_on: u64);
+}
+
+impl FrameOutput for TapWriter {
+    fn send(&mut self, frame: &[u8], _depends_on: u64) {
+        TapWriter::send(self, frame);
+    }
+}
+
 /// The real world as the primary sees it.
 #[derive(Debug)]
 pub struct LiveWorld {
     start: Instant,
+    /// Added to the time since `start`: a machine that goes live after
+    /// replaying continues the guest's clock from the last logged value.
+    base_ns: u64,
     last_ns: u64,
     urandom: File,
     waker: Waker,
     tap: Option<Tap>,
+    output: Option<Box<dyn FrameOutput>>,
 }
 
 impl LiveWorld {
     pub fn new() -> Result<Self, EnvError> {
         Ok(LiveWorld {
             start: Instant::now(),
+            base_ns: 0,
             last_ns: 0,
             urandom: File::open("/dev/urandom").map_err(EnvError::Entropy)?,
             waker: Waker::default(),
             tap: None,
+            output: None,
         })
     }
 
-    /// Connects the guest's network card to TAP `name`.
+    /// Connects the guest's network card to TAP `name`; frames the guest
+    /// sends go straight to it until [`LiveWorld::set_output`].
     pub fn attach_tap(&mut self, name: &str) -> Result<(), TapError> {
-        self.tap = Some(Tap::open(name, self.waker.clone())?);
+        let tap = Tap::open(name, self.waker.clone())?;
+        self.output = Some(Box::new(tap.writer()?));
+        self.tap = Some(tap);
         Ok(())
+    }
+
+    /// A writer to the attached TAP, for an output gate to send through.
+    pub fn tap_writer(&self) -> Result<Option<TapWriter>, TapError> {
+        self.tap.as_ref().map(Tap::writer).transpose()
+    }
+
+    /// Sends the guest's frames through `output` from now on.
+    pub fn set_output(&mut self, output: Box<dyn FrameOutput>) {
+        self.output = Some(output);
+    }
+
+    /// Drops frames received so far; returns how many.
+    pub fn discard_received(&mut self) -> usize {
+        self.tap.as_mut().map_or(0, Tap::discard_received)
+    }
+
+    /// The guest's clock goes on from `last_ns` (never back): used when a
+    /// backup that replayed up to a logged clock value goes live.
+    pub fn continue_clock_from(&mut self, last_ns: u64) {
+        self.start = Instant::now();
+        self.base_ns = last_ns;
+        self.last_ns = last_ns;
     }
 
     pub fn receive_frame(&mut self) -> Option<Vec<u8>> {
         self.tap.as_mut().and_then(Tap::try_recv)
     }
 
-    pub fn send_frame(&mut self, frame: &[u8]) {
-        if let Some(t) = self.tap.as_mut() {
-            t.send(frame);
+    pub fn send_frame(&mut self, frame: &[u8], depends_on: u64) {
+        if let Some(o) = self.output.as_mut() {
+            o.send(frame, depends_on);
         }
     }
 
@@ -100,7 +147,9 @@ impl LiveWorld {
 
     /// Monotonic nanoseconds since boot; never goes back.
     pub fn now_ns(&mut self) -> u64 {
-        let now = self.start.elapsed().as_nanos() as u64;
+        let now = self
+            .base_ns
+            .saturating_add(self.start.elapsed().as_nanos() as u64);
         self.last_ns = self.last_ns.max(now);
         self.last_ns
     }
@@ -147,10 +196,10 @@ impl Environment for LiveWorld {
         Ok(self.receive_frame())
     }
     fn net_tx(&mut self, frame: &[u8]) -> Result<(), EnvError> {
-        self.send_frame(frame);
+        self.send_frame(frame, 0);
         Ok(())
     }
-    fn disk_read(&mut self, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError> {
+    fn disk_read(&mut self, _offset: u64, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError> {
         Self::read_local(buf, local)
     }
     fn exit_done(&mut self) -> Result<(), EnvError> {

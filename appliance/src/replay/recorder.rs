@@ -1,13 +1,13 @@
 //! The primary's environment: the live world, with every input appended to
-//! the log against the exit ordinal at which it was handed in.
+//! the log against the exit ordinal at which it was handed in. The log goes
+//! to a [`LogSink`]: a file for `ftvm record`, the log channel on a primary.
 
 use super::digest::PageRun;
 use super::env::{
     DigestDue, EnvError, Environment, ExitPoint, Input, LocalRead, Outcome, WaitOutcome,
 };
 use super::live::LiveWorld;
-use super::log::{Entry, LogWriter, INPUT_BYTES_PER_ENTRY};
-use std::io::Write;
+use super::log::{DiskReads, Entry, LogSink, TxDigest, INPUT_BYTES_PER_ENTRY};
 
 /// When state digests are taken.
 #[derive(Debug, Clone, Copy)]
@@ -32,22 +32,28 @@ impl DigestSchedule {
 }
 
 #[derive(Debug)]
-pub struct Recorder<W: Write> {
+pub struct Recorder<S: LogSink> {
     live: LiveWorld,
-    log: LogWriter<W>,
+    log: S,
     schedule: DigestSchedule,
+    disk_reads: DiskReads,
+    /// The current exit's entry (an `Exit`, or its `Inputs` continuation).
     pending: Option<Entry>,
     pending_bytes: usize,
+    /// Frames the guest sent during the current exit.
+    tx: TxDigest,
 }
 
-impl<W: Write> Recorder<W> {
-    pub fn new(live: LiveWorld, log: LogWriter<W>, schedule: DigestSchedule) -> Self {
+impl<S: LogSink> Recorder<S> {
+    pub fn new(live: LiveWorld, log: S, schedule: DigestSchedule, disk_reads: DiskReads) -> Self {
         Recorder {
             live,
             log,
             schedule,
+            disk_reads,
             pending: None,
             pending_bytes: 0,
+            tx: TxDigest::default(),
         }
     }
 
@@ -56,12 +62,17 @@ impl<W: Write> Recorder<W> {
     fn push_input(&mut self, input: Input) -> Result<(), EnvError> {
         let size = input.payload_len();
         if self.pending_bytes > 0 && self.pending_bytes + size > INPUT_BYTES_PER_ENTRY {
-            if let Some(full) = self.pending.take() {
+            if let Some(mut full) = self.pending.take() {
                 let ordinal = full.ordinal();
+                if let Entry::Exit { more, .. } | Entry::Inputs { more, .. } = &mut full {
+                    *more = true;
+                }
                 self.log.append(&full)?;
                 self.pending = Some(Entry::Inputs {
                     ordinal,
                     inputs: Vec::new(),
+                    more: false,
+                    tx: None,
                 });
                 self.pending_bytes = 0;
             }
@@ -75,15 +86,19 @@ impl<W: Write> Recorder<W> {
 
     /// Log bytes and entries written so far.
     pub fn log_stats(&self) -> (u64, u64) {
-        (self.log.bytes, self.log.entries)
+        self.log.stats()
     }
 
-    pub fn into_log(self) -> LogWriter<W> {
-        self.log
+    pub fn live_mut(&mut self) -> &mut LiveWorld {
+        &mut self.live
+    }
+
+    pub fn into_parts(self) -> (LiveWorld, S) {
+        (self.live, self.log)
     }
 }
 
-impl<W: Write> Environment for Recorder<W> {
+impl<S: LogSink> Environment for Recorder<S> {
     fn exit(&mut self, ordinal: u64, point: &ExitPoint) -> Result<u64, EnvError> {
         let clock_ns = self.live.now_ns();
         self.pending = Some(Entry::Exit {
@@ -91,6 +106,8 @@ impl<W: Write> Environment for Recorder<W> {
             point: *point,
             clock_ns,
             inputs: Vec::new(),
+            more: false,
+            tx: None,
         });
         self.pending_bytes = 0;
         Ok(clock_ns)
@@ -119,19 +136,39 @@ impl<W: Write> Environment for Recorder<W> {
         Ok(frame)
     }
 
+    /// The frame was computed from guest state that every entry appended so
+    /// far determines (the current exit's own entry is not needed: a backup
+    /// that goes live at this exit sends the same frame again). So it
+    /// depends on the last appended index, and those entries leave now.
     fn net_tx(&mut self, frame: &[u8]) -> Result<(), EnvError> {
-        self.live.send_frame(frame);
+        self.tx.add(frame);
+        self.log.flush_for_output()?;
+        self.live.send_frame(frame, self.log.last_index());
         Ok(())
     }
 
-    fn disk_read(&mut self, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError> {
+    fn disk_read(
+        &mut self,
+        _offset: u64,
+        buf: &mut [u8],
+        local: LocalRead<'_>,
+    ) -> Result<(), EnvError> {
         LiveWorld::read_local(buf, local)?;
-        self.push_input(Input::DiskRead(buf.to_vec()))?;
-        Ok(())
+        let input = match self.disk_reads {
+            DiskReads::Ship => Input::DiskRead(buf.to_vec()),
+            DiskReads::BackupReads => Input::DiskReadHash {
+                len: buf.len() as u32,
+                hash: *blake3::hash(buf).as_bytes(),
+            },
+        };
+        self.push_input(input)
     }
 
     fn exit_done(&mut self) -> Result<(), EnvError> {
-        if let Some(e) = self.pending.take() {
+        if let Some(mut e) = self.pending.take() {
+            if let Entry::Exit { tx, .. } | Entry::Inputs { tx, .. } = &mut e {
+                *tx = self.tx.take();
+            }
             self.log.append(&e)?;
         }
         Ok(())

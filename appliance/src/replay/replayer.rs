@@ -1,32 +1,62 @@
 //! The backup's environment: hands the guest exactly what the log says, and
-//! checks at every exit and every digest that the guest is where the primary
-//! was. The first difference is reported as a divergence with its exit ordinal.
+//! checks at every exit, every output and every digest that the guest is
+//! where the primary was. The first difference is reported as a divergence
+//! with its exit ordinal.
+//!
+//! Entries come from an [`EntrySource`]: a file, or the log channel. An exit
+//! whose inputs span several entries (`more` set on all but the last) is
+//! only handed out by a live source once all of them arrived, so it is
+//! applied all at once or not at all.
 
 use super::digest::{hex, PageRun};
 use super::env::{
     DigestDue, EnvError, Environment, ExitPoint, Input, LocalRead, Outcome, WaitOutcome,
 };
-use super::log::{Entry, LogReader};
+use super::log::{Entry, EntrySource, TxCheck, TxDigest};
+use crate::devices::virtio::block::SECTOR_SIZE;
 use std::collections::VecDeque;
-use std::io::Read;
 
 #[derive(Debug)]
-pub struct Replayer<R: Read> {
-    log: LogReader<R>,
+pub struct Replayer<S: EntrySource> {
+    source: S,
     ordinal: u64,
     inputs: VecDeque<Input>,
+    /// The current exit continues in further entries.
+    more: bool,
+    /// The output check of the current exit (from its last entry).
+    expected_tx: Option<TxCheck>,
+    /// Frames this guest sent during the current exit.
+    tx: TxDigest,
+    last_clock_ns: u64,
     /// Digests compared so far.
     pub digests_checked: u64,
+    /// Exits whose output checks were compared.
+    pub outputs_checked: u64,
 }
 
-impl<R: Read> Replayer<R> {
-    pub fn new(log: LogReader<R>) -> Self {
+impl<S: EntrySource> Replayer<S> {
+    pub fn new(source: S) -> Self {
         Replayer {
-            log,
+            source,
             ordinal: 0,
             inputs: VecDeque::new(),
+            more: false,
+            expected_tx: None,
+            tx: TxDigest::default(),
+            last_clock_ns: 0,
             digests_checked: 0,
+            outputs_checked: 0,
         }
+    }
+
+    /// The clock value of the last exit replayed: a backup going live
+    /// continues the guest's clock from here.
+    pub fn last_clock_ns(&self) -> u64 {
+        self.last_clock_ns
+    }
+
+    pub fn source_mut(&mut self) -> &mut S {
+        &mut self.source
     }
 
     fn diverged(&self, what: impl Into<String>) -> EnvError {
@@ -36,15 +66,30 @@ impl<R: Read> Replayer<R> {
         }
     }
 
-    /// Loads continuation inputs of the current exit when the queue runs dry.
+    /// Loads the next entry of the current exit when its inputs run dry.
     fn refill(&mut self) -> Result<(), EnvError> {
-        if self.inputs.is_empty() {
-            if let Some(Entry::Inputs { ordinal, .. }) = self.log.peek_entry()? {
-                if *ordinal == self.ordinal {
-                    if let Some(Entry::Inputs { inputs, .. }) = self.log.next_entry()? {
-                        self.inputs = inputs.into();
-                    }
+        while self.inputs.is_empty() && self.more {
+            match self.source.next_entry()? {
+                Some(Entry::Inputs {
+                    ordinal,
+                    inputs,
+                    more,
+                    tx,
+                }) if ordinal == self.ordinal => {
+                    self.inputs = inputs.into();
+                    self.more = more;
+                    self.expected_tx = tx;
                 }
+                Some(other) => {
+                    return Err(self.diverged(format!(
+                        "the log's exit {} continues, but the next entry is for exit {}",
+                        self.ordinal,
+                        other.ordinal()
+                    )))
+                }
+                None => return Err(EnvError::LogEnded {
+                    ordinal: self.ordinal,
+                }),
             }
         }
         Ok(())
@@ -60,11 +105,20 @@ impl<R: Read> Replayer<R> {
     }
 }
 
-impl<R: Read> Environment for Replayer<R> {
+fn sectors(offset: u64, len: usize) -> String {
+    let first = offset / SECTOR_SIZE;
+    let last = (offset + len as u64).div_ceil(SECTOR_SIZE).saturating_sub(1);
+    format!(
+        "sectors {first}..={last} (bytes {offset}..{})",
+        offset + len as u64
+    )
+}
+
+impl<S: EntrySource> Environment for Replayer<S> {
     fn exit(&mut self, ordinal: u64, point: &ExitPoint) -> Result<u64, EnvError> {
         self.ordinal = ordinal;
         let entry = self
-            .log
+            .source
             .next_entry()?
             .ok_or(EnvError::LogEnded { ordinal })?;
         match entry {
@@ -73,6 +127,8 @@ impl<R: Read> Environment for Replayer<R> {
                 point: logged_point,
                 clock_ns,
                 inputs,
+                more,
+                tx,
             } => {
                 if logged != ordinal {
                     return Err(self.diverged(format!(
@@ -85,6 +141,10 @@ impl<R: Read> Environment for Replayer<R> {
                     )));
                 }
                 self.inputs = inputs.into();
+                self.more = more;
+                self.expected_tx = tx;
+                self.tx = TxDigest::default();
+                self.last_clock_ns = clock_ns;
                 Ok(clock_ns)
             }
             Entry::End {
@@ -102,6 +162,7 @@ impl<R: Read> Environment for Replayer<R> {
             } => Err(self.diverged(format!(
                 "the log has more inputs for exit {logged} that the guest did not take before exit {ordinal}"
             ))),
+            Entry::Invalid => Err(self.diverged("the log has a reserved entry")),
         }
     }
 
@@ -143,21 +204,45 @@ impl<R: Read> Environment for Replayer<R> {
         Ok(None)
     }
 
-    fn net_tx(&mut self, _frame: &[u8]) -> Result<(), EnvError> {
-        // The backup is silent: its guest's output was already sent by the primary.
+    fn net_tx(&mut self, frame: &[u8]) -> Result<(), EnvError> {
+        // The backup is silent: its guest's output was already sent by the
+        // primary. It is checked against the primary's at exit_done.
+        self.tx.add(frame);
         Ok(())
     }
 
-    fn disk_read(&mut self, buf: &mut [u8], _local: LocalRead<'_>) -> Result<(), EnvError> {
+    fn disk_read(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        local: LocalRead<'_>,
+    ) -> Result<(), EnvError> {
         match self.next_input("disk read data")? {
             Input::DiskRead(bytes) if bytes.len() == buf.len() => {
                 buf.copy_from_slice(&bytes);
+                Ok(())
+            }
+            Input::DiskReadHash { len, hash } if len as usize == buf.len() => {
+                local(buf).map_err(EnvError::DiskRead)?;
+                let ours = blake3::hash(buf);
+                if *ours.as_bytes() != hash {
+                    return Err(self.diverged(format!(
+                        "disk read of {}: this disk's data differs from the primary's (primary {}, backup {})",
+                        sectors(offset, buf.len()),
+                        &blake3::Hash::from(hash).to_hex()[..16],
+                        &ours.to_hex()[..16]
+                    )));
+                }
                 Ok(())
             }
             Input::DiskRead(bytes) => Err(self.diverged(format!(
                 "guest read {} disk bytes, the primary's guest {}",
                 buf.len(),
                 bytes.len()
+            ))),
+            Input::DiskReadHash { len, .. } => Err(self.diverged(format!(
+                "guest read {} disk bytes, the primary's guest {len}",
+                buf.len()
             ))),
             other => Err(self.diverged(format!("guest read the disk, the log has {other}"))),
         }
@@ -170,11 +255,26 @@ impl<R: Read> Environment for Replayer<R> {
                 "the primary's guest consumed input ({left}) at this exit, this guest did not"
             )));
         }
+        let ours = self.tx.take();
+        if ours != self.expected_tx {
+            let describe = |t: &Option<TxCheck>| match t {
+                None => "no frame".to_string(),
+                Some(t) => format!("{} frame(s), digest {}", t.frames, &hex(&t.digest)[..16]),
+            };
+            return Err(self.diverged(format!(
+                "the guest's network output differs: primary sent {}, backup {}",
+                describe(&self.expected_tx),
+                describe(&ours)
+            )));
+        }
+        if ours.is_some() {
+            self.outputs_checked += 1;
+        }
         Ok(())
     }
 
     fn digest_due(&mut self, ordinal: u64) -> Result<Option<DigestDue>, EnvError> {
-        match self.log.peek_entry()? {
+        match self.source.peek_entry()? {
             Some(Entry::Digest {
                 ordinal: logged,
                 full,
@@ -200,7 +300,7 @@ impl<R: Read> Environment for Replayer<R> {
             hash: logged,
             pages,
             ..
-        }) = self.log.next_entry()?
+        }) = self.source.next_entry()?
         else {
             return Err(self.diverged("state digest entry vanished from the log"));
         };
@@ -228,7 +328,7 @@ impl<R: Read> Environment for Replayer<R> {
 
     fn stopped_at(&mut self, ordinal: u64) -> Result<bool, EnvError> {
         Ok(matches!(
-            self.log.peek_entry()?,
+            self.source.peek_entry()?,
             Some(Entry::End { ordinal: o, outcome: Outcome::Stopped, .. }) if *o == ordinal
         ))
     }
@@ -240,7 +340,7 @@ impl<R: Read> Environment for Replayer<R> {
         digest: [u8; 32],
     ) -> Result<(), EnvError> {
         self.ordinal = ordinal;
-        match self.log.next_entry()? {
+        match self.source.next_entry()? {
             None => Err(EnvError::LogEnded { ordinal }),
             Some(Entry::End {
                 ordinal: logged,

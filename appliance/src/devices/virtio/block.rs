@@ -107,7 +107,7 @@ impl Block {
                         let mut buf = vec![0u8; n as usize];
                         let disk = &self.disk;
                         let at = offset;
-                        ctx.env.disk_read(&mut buf, &mut |b: &mut [u8]| {
+                        ctx.env.disk_read(at, &mut buf, &mut |b: &mut [u8]| {
                             disk.read_at(at, b).map_err(|e| e.to_string())
                         })?;
                         let addr = d.addr.unchecked_add(done);
