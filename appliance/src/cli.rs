@@ -27,10 +27,25 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run one machine, no replication.
+    /// Run a machine. With an `[ft]` section in the config, run this
+    /// node of a fault-tolerant pair: as its backup by default, or as its
+    /// first primary with `--primary`.
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// Start as the pair's first primary: claim the first epoch from the
+        /// witness, then run the guest and wait for the backup. Without it a
+        /// node with `[ft]` starts as the backup of its configured peer.
+        #[arg(long)]
+        primary: bool,
+    },
+    /// Print the status of a running node (its admin endpoint, `ft.admin`).
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the raw JSON of `/status`.
+        #[arg(long)]
+        json: bool,
     },
     /// Run one machine and record its execution log to a file.
     Record {
@@ -86,10 +101,13 @@ pub enum Command {
 }
 
 fn init_tracing(json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: a log file gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -104,6 +122,8 @@ pub fn main() -> ExitCode {
     init_tracing(cli.log_json);
     match dispatch(cli.command) {
         Ok(code) => code,
+        // The reader of our output went away (`ftvm ... | head`): not an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ftvm: error: {e:#}");
             ExitCode::from(1)
@@ -111,9 +131,17 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
-        Command::Run { config } => run(&config),
+        Command::Run { config, primary } => run(&config, primary),
+        Command::Status { config, json } => status(&config, json),
         Command::Record {
             config,
             log,
@@ -152,6 +180,7 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
                 .map_err(anyhow::Error::from);
             match outcome {
                 Ok(o) => Ok(ExitCode::from(o.exit_code() as u8)),
+                Err(e) if is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("ftvm: error: {e:#}");
                     Ok(ExitCode::from(2))
@@ -243,14 +272,81 @@ fn report_disk(machine: &Machine) {
     }
 }
 
-fn run(config: &Path) -> Result<ExitCode> {
+fn run(config: &Path, primary: bool) -> Result<ExitCode> {
     let cfg = ApplianceConfig::load(config)?;
+    if cfg.ft.is_some() {
+        return run_node(&cfg, primary);
+    }
+    if primary {
+        anyhow::bail!(
+            "--primary given, but {} has no [ft] section (a single machine needs no role)",
+            config.display()
+        );
+    }
     let mut machine = Machine::new(&cfg, open_console(&cfg)?)?;
     let mut env = live_world(&cfg)?;
     let control = stop_on_signals(env.waker())?;
     let summary = machine.run(&mut env, &control)?;
     report_outcome(&summary);
     Ok(outcome_exit_code(&summary))
+}
+
+/// Runs this node of a pair.
+fn run_node(cfg: &ApplianceConfig, primary: bool) -> Result<ExitCode> {
+    use crate::ft::node::{self, NodeOutcome, StartAs};
+    let start = if primary {
+        StartAs::Primary
+    } else {
+        StartAs::Backup
+    };
+    match node::run(cfg, start, open_console(cfg)?)? {
+        NodeOutcome::Finished {
+            role,
+            summary,
+            disk_root,
+        } => {
+            report_outcome(&summary);
+            // The backup's last line matches `ftvm replay`'s, the primary's
+            // `ftvm record`'s: same exits and digest when the pair agreed.
+            let what = if role == crate::ft::role::Role::Backup {
+                "replay: OK"
+            } else {
+                "record:"
+            };
+            if let Some(root) = disk_root {
+                println!("disk: root={}", hex(&root));
+            }
+            println!(
+                "{what} exits={} digest={}",
+                summary.exits,
+                hex(&summary.digest)
+            );
+            Ok(outcome_exit_code(&summary))
+        }
+        NodeOutcome::Stopped => Ok(ExitCode::SUCCESS),
+        NodeOutcome::Fenced(reason) => {
+            println!("fenced: {reason}");
+            Ok(ExitCode::from(4))
+        }
+    }
+}
+
+/// Prints a running node's status.
+fn status(config: &Path, json: bool) -> Result<ExitCode> {
+    let cfg = ApplianceConfig::load(config)?;
+    let ft = cfg
+        .ft
+        .as_ref()
+        .with_context(|| format!("{} has no [ft] section", config.display()))?;
+    let body = crate::admin::get(ft.admin, "/status")?;
+    if json {
+        println!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).context("the admin endpoint's /status is not JSON")?;
+    print!("{}", crate::ft::status::render_text(&v));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Records a run of `cfg` into `log`; prints `record: exits=<N> digest=<hex>`.

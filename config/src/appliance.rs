@@ -1,7 +1,9 @@
 //! The appliance (`ftvm`) configuration file.
 
+use crate::witness::{check_cluster_name, check_node_name, WitnessClientConfig};
 use crate::{load_toml, resolve_path, ConfigError};
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Largest guest memory the machine model supports (the identity map covers 4 GiB
@@ -25,6 +27,11 @@ pub struct ApplianceConfig {
     pub net: Option<NetConfig>,
     /// The guest's disk (virtio-blk on a raw image).
     pub disk: Option<DiskConfig>,
+    /// Fault tolerance: this node's half of a pair (DESIGN.md 5-6). Without
+    /// it, `ftvm run` runs one unreplicated machine.
+    pub ft: Option<FtConfig>,
+    /// How this node reaches the witness (required with `[ft]`).
+    pub witness: Option<WitnessClientConfig>,
     /// Where the file was loaded from; relative paths were resolved against it.
     #[serde(skip)]
     pub source: PathBuf,
@@ -154,6 +161,213 @@ fn default_full_digest_every() -> u64 {
     16
 }
 
+/// How the backup gets the guest's disk-read data (DESIGN.md 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskReadsMode {
+    /// The primary's read data travel in the log.
+    #[default]
+    Ship,
+    /// The log carries a hash; the backup reads its own disk and checks it.
+    BackupReads,
+}
+
+/// QUIC congestion controller of the log channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Congestion {
+    /// quinn's default.
+    #[default]
+    Cubic,
+    /// BBR (marked experimental in quinn): keeps a long fat pipe full
+    /// despite random loss.
+    Bbr,
+    NewReno,
+}
+
+/// The WAN between the two sites: sizes the QUIC windows of the log channel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WanConfig {
+    /// Round-trip time between the sites, milliseconds.
+    #[serde(default = "default_wan_rtt_ms")]
+    pub rtt_ms: u64,
+    /// Bandwidth between the sites, megabits per second.
+    #[serde(default = "default_wan_bandwidth_mbit")]
+    pub bandwidth_mbit: u64,
+    #[serde(default)]
+    pub congestion: Congestion,
+}
+
+impl Default for WanConfig {
+    fn default() -> Self {
+        WanConfig {
+            rtt_ms: default_wan_rtt_ms(),
+            bandwidth_mbit: default_wan_bandwidth_mbit(),
+            congestion: Congestion::default(),
+        }
+    }
+}
+
+fn default_wan_rtt_ms() -> u64 {
+    50
+}
+fn default_wan_bandwidth_mbit() -> u64 {
+    1000
+}
+
+impl WanConfig {
+    /// Bytes a stream or connection may have in flight: twice the
+    /// bandwidth-delay product, at least 4 MiB.
+    pub fn window_bytes(&self) -> u64 {
+        let bdp = self
+            .bandwidth_mbit
+            .saturating_mul(125_000)
+            .saturating_mul(self.rtt_ms)
+            / 1000;
+        bdp.saturating_mul(2).max(4 << 20)
+    }
+}
+
+/// The other node of the pair.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its node name, checked against its certificate.
+    pub name: String,
+    /// Where its log channel listens, `host:port`.
+    pub address: String,
+}
+
+/// Whether a survivor accepts a returning peer as its new backup by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reprotect {
+    /// Only when an operator starts the peer with `--join`.
+    #[default]
+    Manual,
+    /// As soon as the configured peer comes back.
+    Auto,
+}
+
+/// This node's half of a fault-tolerant pair.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FtConfig {
+    /// This node's name (its certificate's).
+    pub node: String,
+    /// The pair's cluster id (as the witness knows it).
+    pub cluster: String,
+    /// UDP address of this node's log channel endpoint.
+    pub listen: SocketAddr,
+    /// Directory of this node's durable state (epoch, role, fence): sled.
+    pub state_dir: PathBuf,
+    /// Cluster CA certificate (PEM); the peer must present one it signed.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM).
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    pub peer: PeerConfig,
+    #[serde(default)]
+    pub disk_reads: DiskReadsMode,
+    /// The backup may lag this much guest time behind before the primary
+    /// slows its vCPU, milliseconds.
+    #[serde(default = "default_max_lag_ms")]
+    pub max_lag_ms: u64,
+    /// A peer silent this long is declared failed, milliseconds.
+    #[serde(default = "default_failure_timeout_ms")]
+    pub failure_timeout_ms: u64,
+    /// Heartbeat interval on the control stream, milliseconds.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// Log bytes the primary keeps until the backup acks them; when full
+    /// the vCPU waits. MiB.
+    #[serde(default = "default_log_buffer_mib")]
+    pub log_buffer_mib: u64,
+    /// The admin HTTP endpoint (`/status`, `/metrics`).
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Program run when this node goes live (DNS, BGP or VIP moves).
+    #[serde(default)]
+    pub go_live_hook: Option<PathBuf>,
+    #[serde(default)]
+    pub reprotect: Reprotect,
+    #[serde(default)]
+    pub wan: WanConfig,
+}
+
+fn default_max_lag_ms() -> u64 {
+    1000
+}
+fn default_failure_timeout_ms() -> u64 {
+    2000
+}
+fn default_heartbeat_ms() -> u64 {
+    200
+}
+fn default_log_buffer_mib() -> u64 {
+    64
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7480))
+}
+
+impl FtConfig {
+    fn validate(&self, f: &Path) -> Result<(), ConfigError> {
+        check_node_name(&self.node).map_err(|m| ConfigError::invalid(f, "ft.node", m))?;
+        check_node_name(&self.peer.name).map_err(|m| ConfigError::invalid(f, "ft.peer.name", m))?;
+        if self.peer.name == self.node {
+            return Err(ConfigError::invalid(
+                f,
+                "ft.peer.name",
+                format!("{:?} is this node's own name", self.peer.name),
+            ));
+        }
+        check_cluster_name(&self.cluster).map_err(|m| ConfigError::invalid(f, "ft.cluster", m))?;
+        match self.peer.address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => {
+                return Err(ConfigError::invalid(
+                    f,
+                    "ft.peer.address",
+                    format!("{:?} is not host:port", self.peer.address),
+                ))
+            }
+        }
+        let positive = [
+            ("ft.max_lag_ms", self.max_lag_ms),
+            ("ft.heartbeat_ms", self.heartbeat_ms),
+            ("ft.log_buffer_mib", self.log_buffer_mib),
+            ("ft.wan.rtt_ms", self.wan.rtt_ms),
+            ("ft.wan.bandwidth_mbit", self.wan.bandwidth_mbit),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(ConfigError::invalid(f, key, "must be at least 1"));
+            }
+        }
+        if self.failure_timeout_ms < 2 * self.heartbeat_ms {
+            return Err(ConfigError::invalid(
+                f,
+                "ft.failure_timeout_ms",
+                format!(
+                    "{} must be at least twice ft.heartbeat_ms ({}), or one late heartbeat is a failover",
+                    self.failure_timeout_ms, self.heartbeat_ms
+                ),
+            ));
+        }
+        if self.log_buffer_mib > 16 * 1024 {
+            return Err(ConfigError::invalid(
+                f,
+                "ft.log_buffer_mib",
+                format!("{} is more than 16384", self.log_buffer_mib),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl ApplianceConfig {
     /// Loads, resolves relative paths and validates a config file.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
@@ -165,6 +379,18 @@ impl ApplianceConfig {
         }
         if let ConsoleOutput::File(p) = &cfg.console.output {
             cfg.console.output = ConsoleOutput::File(resolve_path(file, p));
+        }
+        if let Some(ft) = &mut cfg.ft {
+            ft.state_dir = resolve_path(file, &ft.state_dir);
+            ft.ca = resolve_path(file, &ft.ca);
+            ft.cert = resolve_path(file, &ft.cert);
+            ft.key = resolve_path(file, &ft.key);
+            if let Some(h) = &ft.go_live_hook {
+                ft.go_live_hook = Some(resolve_path(file, h));
+            }
+        }
+        if let Some(w) = &mut cfg.witness {
+            w.resolve(file);
         }
         cfg.validate()?;
         Ok(cfg)
@@ -239,6 +465,26 @@ impl ApplianceConfig {
                 "must be at least 1",
             ));
         }
+        if let Some(w) = &self.witness {
+            w.validate(f, "witness", false)?;
+        }
+        if let Some(ft) = &self.ft {
+            ft.validate(f)?;
+            let Some(w) = &self.witness else {
+                return Err(ConfigError::invalid(
+                    f,
+                    "witness",
+                    "a [witness] table is required with [ft]: only the witness decides which node is live",
+                ));
+            };
+            if let Some(c) = w.cluster.as_ref().filter(|c| **c != ft.cluster) {
+                return Err(ConfigError::invalid(
+                    f,
+                    "witness.cluster",
+                    format!("{c:?} differs from ft.cluster {:?}", ft.cluster),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -294,6 +540,41 @@ mod tests {
         let (dir, p) = write("[machine]\nimage = \"g\"\n[disk]\npath = \"d.img\"\n");
         let cfg = ApplianceConfig::load(&p).unwrap();
         assert_eq!(cfg.disk.unwrap().path, dir.path().join("d.img"));
+    }
+
+    const FT: &str = "[machine]\nimage = \"g\"\n\
+        [ft]\nnode = \"node-a\"\ncluster = \"lab\"\nlisten = \"0.0.0.0:7400\"\nstate_dir = \"state\"\n\
+        ca = \"pki/ca.pem\"\ncert = \"pki/node-a.pem\"\nkey = \"pki/node-a.key\"\n\
+        peer = { name = \"node-b\", address = \"10.0.0.2:7400\" }\n";
+    const WITNESS: &str = "[witness]\naddress = \"w:7470\"\nserver_name = \"witness\"\n\
+        ca = \"pki/ca.pem\"\ncert = \"pki/node-a.pem\"\nkey = \"pki/node-a.key\"\n";
+
+    #[test]
+    fn ft_section_with_defaults() {
+        let (dir, p) = write(&format!("{FT}{WITNESS}"));
+        let cfg = ApplianceConfig::load(&p).unwrap();
+        let ft = cfg.ft.unwrap();
+        assert_eq!(ft.state_dir, dir.path().join("state"));
+        assert_eq!(ft.disk_reads, DiskReadsMode::Ship);
+        assert_eq!(ft.max_lag_ms, 1000);
+        assert_eq!(ft.failure_timeout_ms, 2000);
+        assert_eq!(cfg.witness.unwrap().ca, dir.path().join("pki/ca.pem"));
+    }
+
+    #[test]
+    fn ft_errors_name_the_key() {
+        let (_d, p) = write(FT);
+        let err = ApplianceConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("key `witness`"), "{err}");
+        let (_d, p) = write(&format!("{FT}disk_reads = \"sometimes\"\n{WITNESS}"));
+        let err = ApplianceConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("ft.disk_reads"), "{err}");
+        let (_d, p) = write(&format!("{FT}failure_timeout_ms = 100\n{WITNESS}"));
+        let err = ApplianceConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("ft.failure_timeout_ms"), "{err}");
+        let (_d, p) = write(&format!("{FT}{WITNESS}cluster = \"other\"\n"));
+        let err = ApplianceConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("witness.cluster"), "{err}");
     }
 
     #[test]

@@ -87,6 +87,7 @@ impl WitnessClient {
                 idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
                 max_bidi_streams: 0,
                 max_uni_streams: 0,
+                ..QuicOptions::default()
             },
         };
         let tls = TlsFiles {

@@ -239,6 +239,7 @@ impl ServeOptions {
                 idle_timeout: Duration::from_millis(s.idle_timeout_ms),
                 max_bidi_streams: 8,
                 max_uni_streams: 0,
+                ..QuicOptions::default()
             },
             max_frame: s.max_frame_bytes as usize,
             request_timeout: Duration::from_millis(s.request_timeout_ms),

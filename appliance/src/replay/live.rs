@@ -199,7 +199,12 @@ impl Environment for LiveWorld {
         self.send_frame(frame, 0);
         Ok(())
     }
-    fn disk_read(&mut self, _offset: u64, buf: &mut [u8], local: LocalRead<'_>) -> Result<(), EnvError> {
+    fn disk_read(
+        &mut self,
+        _offset: u64,
+        buf: &mut [u8],
+        local: LocalRead<'_>,
+    ) -> Result<(), EnvError> {
         Self::read_local(buf, local)
     }
     fn exit_done(&mut self) -> Result<(), EnvError> {

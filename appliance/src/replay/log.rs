@@ -287,8 +287,14 @@ pub enum LogError {
     },
     #[error("log {path}: unexpected frame kind {kind}")]
     FrameKind { path: PathBuf, kind: u8 },
-    #[error("log {path}: batch of entries {first}.. follows entry {last} (entries missing or repeated)")]
-    Gap { path: PathBuf, last: u64, first: u64 },
+    #[error(
+        "log {path}: batch of entries {first}.. follows entry {last} (entries missing or repeated)"
+    )]
+    Gap {
+        path: PathBuf,
+        last: u64,
+        first: u64,
+    },
     #[error("log entry too large to frame: {0}")]
     EntryTooLarge(#[source] FrameError),
     #[error("encoding a log entry failed: {0}")]
@@ -363,7 +369,12 @@ pub fn decode_batch(path: &Path, payload: &[u8]) -> Result<(BatchHeader, Vec<Ent
     };
     let (header, mut rest) = postcard::take_from_bytes::<BatchHeader>(payload)
         .map_err(|e| bad("batch header", e.to_string()))?;
-    if header.first_index == 0 || header.first_index.checked_add(header.count.into()).is_none() {
+    if header.first_index == 0
+        || header
+            .first_index
+            .checked_add(header.count.into())
+            .is_none()
+    {
         return Err(bad(
             "batch header",
             format!("first index {} is invalid", header.first_index),
@@ -387,7 +398,10 @@ pub fn decode_batch(path: &Path, payload: &[u8]) -> Result<(BatchHeader, Vec<Ent
         if e == Entry::Invalid {
             return Err(bad(
                 "entry",
-                format!("reserved entry kind at index {}", header.first_index + out.len() as u64),
+                format!(
+                    "reserved entry kind at index {}",
+                    header.first_index + out.len() as u64
+                ),
             ));
         }
         out.push(e);

@@ -87,9 +87,11 @@ impl<S: EntrySource> Replayer<S> {
                         other.ordinal()
                     )))
                 }
-                None => return Err(EnvError::LogEnded {
-                    ordinal: self.ordinal,
-                }),
+                None => {
+                    return Err(EnvError::LogEnded {
+                        ordinal: self.ordinal,
+                    })
+                }
             }
         }
         Ok(())
@@ -107,7 +109,9 @@ impl<S: EntrySource> Replayer<S> {
 
 fn sectors(offset: u64, len: usize) -> String {
     let first = offset / SECTOR_SIZE;
-    let last = (offset + len as u64).div_ceil(SECTOR_SIZE).saturating_sub(1);
+    let last = (offset + len as u64)
+        .div_ceil(SECTOR_SIZE)
+        .saturating_sub(1);
     format!(
         "sectors {first}..={last} (bytes {offset}..{})",
         offset + len as u64

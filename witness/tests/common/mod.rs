@@ -117,6 +117,7 @@ pub fn client_timeout(
                 idle_timeout: Duration::from_secs(5),
                 max_bidi_streams: 0,
                 max_uni_streams: 0,
+                ..QuicOptions::default()
             },
         },
     )

@@ -1,0 +1,943 @@
+//! The log channel (DESIGN.md 5): one QUIC connection with mutual TLS
+//! between the two nodes, dialled by the backup. The protocol is drawn in
+//! [`super::proto`]; this file holds the tasks that own the connection.
+//!
+//! - Primary ([`PrimaryChannel`]): accepts one backup at a time, checks
+//!   its hello ([`super::pairing`]), sends the log from where the backup
+//!   stands, feeds acks to the [`LogQueue`] and the [`OutputGate`], sends
+//!   heartbeats.
+//! - Backup ([`BackupChannel`]): dials the primary until it answers, says
+//!   hello, pushes every batch that decodes into the [`ReplayQueue`], acks
+//!   what it received, reports its replay position, sends heartbeats. A
+//!   frame that does not decode ends the connection at once and nothing
+//!   from it reaches replay; the next connection resumes from the last
+//!   entry received.
+//!
+//! The vCPU thread never touches QUIC: it only sees the two queues.
+
+use super::log_queue::{Batch, LogQueue};
+use super::output_gate::OutputGate;
+use super::pairing::{check_hello, check_welcome, Identity};
+use super::proto::{
+    self, Control, Hello, Position, ProtoError, Welcome, CLOSE_BAD_FRAME, CLOSE_DONE,
+    CLOSE_REFUSED, CLOSE_REPLACED, FRAME_CONTROL, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
+};
+use super::replay_queue::ReplayQueue;
+use super::role::RoleCell;
+use crate::replay::log::{
+    decode_batch, encode_batch, BatchHeader, MachineShape, FRAME_ENTRIES, LOG_FORMAT_VERSION,
+    MAX_LOG_FRAME,
+};
+use ftvm_transport::frame::{self, read_frame_async, write_frame_async};
+use ftvm_transport::quic::{self, QuicOptions, TlsFiles, ALPN_LOG};
+use ftvm_transport::quinn;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How often the backup reports its replay position.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
+/// Longest wait for a hello or its answer.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause between two attempts to reach the primary.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Test hook: corrupt the Nth log frame this primary sends (1-based) after
+/// framing, as a fault on the wire would, so a test can check that the
+/// backup ends the connection and replays nothing of it.
+pub const TEST_CORRUPT_FRAME_ENV: &str = "FTVM_TEST_CORRUPT_LOG_FRAME";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("log channel setup: {0}")]
+    Setup(#[from] quic::QuicError),
+    #[error("pairing refused: {0}")]
+    Refused(String),
+}
+
+/// Settings of the channel, from the `[ft]` table.
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    pub me: Identity,
+    pub peer_address: String,
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    pub quic: QuicOptions,
+    pub heartbeat: Duration,
+}
+
+/// The peer link as status and the failure detector see it.
+#[derive(Debug, Default)]
+pub struct LinkState {
+    pub connected: AtomicBool,
+    pub rtt_us: AtomicU64,
+    /// Primary: last entry the backup acked. Backup: last entry received.
+    pub acked: AtomicU64,
+    pub sessions: AtomicU64,
+    /// The peer said goodbye (a clean stop, not a failure).
+    pub goodbye: AtomicBool,
+    last_heard: Mutex<Option<Instant>>,
+    /// Why replication stopped (the backup diverged), if it did.
+    pub replication_stopped: Mutex<Option<String>>,
+    /// The last pairing refusal, either way.
+    pub refused: Mutex<Option<String>>,
+}
+
+impl LinkState {
+    pub fn touch(&self) {
+        *self.last_heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Time since the peer was last heard from (`None`: never).
+    pub fn silent_for(&self) -> Option<Duration> {
+        self.last_heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed())
+    }
+
+    fn note_refusal(&self, reason: &str) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+    }
+
+    pub fn replication_stopped(&self) -> Option<String> {
+        self.replication_stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The QUIC options of the log channel for `[ft]`.
+pub fn quic_options(ft: &ftvm_config::appliance::FtConfig) -> QuicOptions {
+    use ftvm_config::appliance::Congestion;
+    let window = ft.wan.window_bytes();
+    QuicOptions {
+        keep_alive: Duration::from_millis(ft.heartbeat_ms),
+        // Longer than the failure timeout: the failure detector, not QUIC,
+        // decides that the peer is gone, and a short cut must not kill the
+        // connection.
+        idle_timeout: Duration::from_millis((ft.failure_timeout_ms * 3).max(10_000)),
+        max_bidi_streams: 4,
+        max_uni_streams: 4,
+        receive_window: Some(window),
+        send_window: Some(window),
+        congestion: match ft.wan.congestion {
+            Congestion::Cubic => quic::CongestionControl::Cubic,
+            Congestion::Bbr => quic::CongestionControl::Bbr,
+            Congestion::NewReno => quic::CongestionControl::NewReno,
+        },
+    }
+}
+
+/// The node's QUIC endpoint: accepts its peer (when primary) and dials it
+/// (when backup). Must be called inside a tokio runtime.
+pub fn open_endpoint(s: &ChannelSettings) -> Result<quinn::Endpoint, ChannelError> {
+    let server = quic::server_config(&s.tls, &[ALPN_LOG], &s.quic)?;
+    let client = quic::client_config(&s.tls, &[ALPN_LOG], &s.quic)?;
+    Ok(quic::dual_endpoint(s.listen, server, client)?)
+}
+
+/// Writes one control message.
+async fn send_control(send: &mut quinn::SendStream, msg: &Control) -> Result<(), String> {
+    let payload = proto::encode(msg).map_err(|e| e.to_string())?;
+    write_frame_async(send, FRAME_CONTROL, &payload, MAX_CONTROL_FRAME)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Reads one control message; `Ok(None)` when the peer finished the stream.
+async fn read_control(recv: &mut quinn::RecvStream) -> Result<Option<Control>, String> {
+    let Some(f) = read_frame_async(recv, MAX_CONTROL_FRAME)
+        .await
+        .map_err(|e| format!("bad control frame: {e}"))?
+    else {
+        return Ok(None);
+    };
+    if f.kind != FRAME_CONTROL {
+        return Err(format!("control frame of kind {}", f.kind));
+    }
+    proto::decode(&f.payload).map(Some).map_err(|e| match e {
+        ProtoError::Version { found } => format!(
+            "the peer speaks log channel protocol version {found}, this node speaks {PROTOCOL_VERSION}"
+        ),
+        other => other.to_string(),
+    })
+}
+
+/// Sends a refusal, gives the peer a moment to read it, and closes.
+async fn refuse(conn: &quinn::Connection, send: Option<&mut quinn::SendStream>, reason: &str) {
+    if let Some(send) = send {
+        let _ = send_control(
+            send,
+            &Control::Refused {
+                reason: reason.to_string(),
+            },
+        )
+        .await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    }
+    let mut text = reason.as_bytes().to_vec();
+    text.truncate(512);
+    conn.close(CLOSE_REFUSED.into(), &text);
+}
+
+/// Reads control messages into a channel, so the session loop can select
+/// on them without cancelling a half-read frame.
+fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Control, String>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let r = read_control(&mut recv).await;
+            let done = !matches!(r, Ok(Some(_)));
+            let msg = match r {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err("the peer closed the control stream".to_string()),
+                Err(e) => Err(e),
+            };
+            if tx.send(msg).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Writes queued control messages in order.
+fn spawn_writer(mut send: quinn::SendStream) -> mpsc::Sender<Control> {
+    let (tx, mut rx) = mpsc::channel::<Control>(256);
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if send_control(&mut send, &m).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    tx
+}
+
+/// The primary's side.
+#[derive(Debug)]
+pub struct PrimaryChannel {
+    pub settings: ChannelSettings,
+    pub queue: Arc<LogQueue>,
+    /// `None` for a machine without a network card: no output to hold.
+    pub gate: Option<OutputGate>,
+    pub header: crate::replay::log::LogHeader,
+    pub role: RoleCell,
+    pub link: Arc<LinkState>,
+    session: Mutex<Option<Attached>>,
+    next_session: AtomicU64,
+    corrupt_frame: Option<u64>,
+}
+
+/// The backup attached now.
+#[derive(Debug)]
+struct Attached {
+    id: u64,
+    conn: quinn::Connection,
+    to_backup: mpsc::Sender<Control>,
+}
+
+impl PrimaryChannel {
+    pub fn new(
+        settings: ChannelSettings,
+        queue: Arc<LogQueue>,
+        gate: Option<OutputGate>,
+        header: crate::replay::log::LogHeader,
+        role: RoleCell,
+        link: Arc<LinkState>,
+    ) -> Arc<Self> {
+        let corrupt_frame = std::env::var(TEST_CORRUPT_FRAME_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok());
+        if let Some(n) = corrupt_frame {
+            tracing::warn!(
+                frame = n,
+                "test hook {TEST_CORRUPT_FRAME_ENV} is set: that log frame will be corrupted"
+            );
+        }
+        Arc::new(PrimaryChannel {
+            settings,
+            queue,
+            gate,
+            header,
+            role,
+            link,
+            session: Mutex::new(None),
+            next_session: AtomicU64::new(1),
+            corrupt_frame,
+        })
+    }
+
+    /// Accepts backups until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move { me.handle(incoming).await });
+        }
+    }
+
+    /// Closes the backup's connection, if any.
+    pub fn close_session(&self, code: u32, why: &str) {
+        if let Some(a) = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            a.conn.close(code.into(), why.as_bytes());
+        }
+    }
+
+    async fn handle(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(%remote, error = %e, "log channel: handshake failed (certificate, CA or protocol)");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%remote, "log channel: handshake timed out");
+                return;
+            }
+        };
+        let cert_name = match quic::peer_node_name(&conn) {
+            Ok(n) => n,
+            Err(e) => {
+                let reason = format!("unusable peer certificate: {e}");
+                tracing::error!(%remote, %reason, "refusing pairing");
+                refuse(&conn, None, &reason).await;
+                return;
+            }
+        };
+        let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(%remote, peer = %cert_name, error = %e, "log channel: no control stream");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%remote, peer = %cert_name, "log channel: no hello in time");
+                conn.close(CLOSE_REFUSED.into(), b"no hello in time");
+                return;
+            }
+        };
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv)).await {
+            Ok(Ok(Some(Control::Hello(h)))) => h,
+            Ok(Ok(other)) => {
+                let reason = format!("expected a hello, got {other:?}");
+                tracing::error!(%remote, peer = %cert_name, %reason, "refusing pairing");
+                refuse(&conn, Some(&mut send), &reason).await;
+                return;
+            }
+            Ok(Err(reason)) => {
+                tracing::error!(%remote, peer = %cert_name, %reason, "refusing pairing");
+                self.link.note_refusal(&reason);
+                refuse(&conn, Some(&mut send), &reason).await;
+                return;
+            }
+            Err(_) => {
+                conn.close(CLOSE_REFUSED.into(), b"no hello in time");
+                return;
+            }
+        };
+        match self.judge(&cert_name, &hello) {
+            Ok(resume_from) => self.session(conn, send, recv, hello, resume_from).await,
+            Err(reason) => {
+                tracing::error!(%remote, peer = %cert_name, %reason, "refusing pairing");
+                self.link.note_refusal(&reason);
+                refuse(&conn, Some(&mut send), &reason).await;
+            }
+        }
+    }
+
+    fn judge(&self, cert_name: &str, hello: &Hello) -> Result<u64, String> {
+        let role = self.role.get();
+        if !role.role.is_live() {
+            return Err(format!(
+                "this node is {}, not a live primary",
+                role.role.name()
+            ));
+        }
+        if let Some(why) = self.link.replication_stopped() {
+            return Err(format!(
+                "replication to this backup stopped ({why}); it must rejoin with a full copy"
+            ));
+        }
+        check_hello(
+            &self.settings.me,
+            cert_name,
+            hello,
+            role.epoch,
+            &self.header,
+        )?;
+        self.queue
+            .resume_from(hello.position.received)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        hello: Hello,
+        resume_from: u64,
+    ) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let epoch = self.queue.epoch();
+        let welcome = Welcome {
+            node: self.settings.me.node.clone(),
+            epoch,
+            header: self.header.clone(),
+            resume_from,
+        };
+        if let Err(e) = send_control(&mut send, &Control::Welcome(welcome)).await {
+            tracing::warn!(peer = %hello.node, error = %e, "log channel: welcome not sent");
+            return;
+        }
+        let acked = resume_from - 1;
+        if let Some(g) = &self.gate {
+            g.release_upto(acked);
+        }
+        self.link.acked.store(acked, Ordering::Relaxed);
+        self.link.connected.store(true, Ordering::Relaxed);
+        self.link.goodbye.store(false, Ordering::Relaxed);
+        self.link.sessions.fetch_add(1, Ordering::Relaxed);
+        self.link.touch();
+        tracing::info!(peer = %hello.node, epoch, resume_from, "backup attached");
+        let log = match conn.open_uni().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(peer = %hello.node, error = %e, "log channel: cannot open the log stream");
+                return;
+            }
+        };
+        let sender = tokio::spawn(send_log(
+            self.queue.clone(),
+            log,
+            resume_from,
+            epoch,
+            self.corrupt_frame,
+        ));
+        let writer = spawn_writer(send);
+        if let Some(old) = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(Attached {
+                id,
+                conn: conn.clone(),
+                to_backup: writer.clone(),
+            })
+        {
+            old.conn
+                .close(CLOSE_REPLACED.into(), b"replaced by a new session");
+        }
+        let mut reader = spawn_reader(recv);
+        let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
+        let started = Instant::now();
+        let why = loop {
+            tokio::select! {
+                msg = reader.recv() => match msg {
+                    Some(Ok(m)) => {
+                        self.link.touch();
+                        if let Some(end) = self.on_control(&hello.node, m) {
+                            break end;
+                        }
+                    }
+                    Some(Err(e)) => break e,
+                    None => break "control stream ended".to_string(),
+                },
+                _ = heartbeat.tick() => {
+                    self.link.rtt_us.store(conn.rtt().as_micros() as u64, Ordering::Relaxed);
+                    let sent_ns = started.elapsed().as_nanos() as u64;
+                    if writer.send(Control::Heartbeat { sent_ns }).await.is_err() {
+                        break "control stream closed".to_string();
+                    }
+                }
+                e = conn.closed() => break format!("connection closed: {e}"),
+            }
+        };
+        sender.abort();
+        let mut current = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|a| a.id == id) {
+            *current = None;
+            self.link.connected.store(false, Ordering::Relaxed);
+            self.queue
+                .stats
+                .backup_reporting
+                .store(false, Ordering::Relaxed);
+        }
+        drop(current);
+        if self.link.goodbye.load(Ordering::Relaxed) {
+            tracing::info!(peer = %hello.node, "backup session ended: {why}");
+        } else {
+            tracing::warn!(peer = %hello.node, "backup session ended: {why}");
+        }
+        conn.close(CLOSE_DONE.into(), b"session ended");
+    }
+
+    /// Handles one message from the backup; `Some(reason)` ends the session.
+    fn on_control(&self, peer: &str, m: Control) -> Option<String> {
+        match m {
+            Control::Ack { received } => {
+                self.queue.ack(received);
+                if let Some(g) = &self.gate {
+                    g.release_upto(received);
+                }
+                self.link.acked.store(received, Ordering::Relaxed);
+                None
+            }
+            Control::ReplayStatus { clock_ns, .. } => {
+                let stats = &self.queue.stats;
+                stats.replayed_clock_ns.store(clock_ns, Ordering::Relaxed);
+                stats.backup_reporting.store(true, Ordering::Relaxed);
+                None
+            }
+            Control::Heartbeat { .. } => None,
+            Control::Diverged { ordinal, what } => {
+                let report = format!("the backup {peer} diverged at exit {ordinal}: {what}");
+                tracing::error!(
+                    "REPLICATION STOPPED: {report}. Outputs stay held: re-protect the backup (or, once failover exists, this node goes solo through the witness)"
+                );
+                *self
+                    .link
+                    .replication_stopped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+                Some(report)
+            }
+            Control::Goodbye { reason } => {
+                self.link.goodbye.store(true, Ordering::Relaxed);
+                Some(format!("the backup said goodbye: {reason}"))
+            }
+            Control::Refused { reason } => {
+                tracing::error!(peer, %reason, "the backup refused this primary");
+                self.link.note_refusal(&reason);
+                Some(format!("refused by the backup: {reason}"))
+            }
+            other => Some(format!("unexpected control message {other:?}")),
+        }
+    }
+
+    /// Tells the backup this node is stopping and the log ends.
+    pub async fn say_goodbye(&self, reason: &str) {
+        let tx = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|a| a.to_backup.clone());
+        if let Some(tx) = tx {
+            let _ = tx
+                .send(Control::Goodbye {
+                    reason: reason.to_string(),
+                })
+                .await;
+        }
+    }
+}
+
+/// Sends the log from `cursor` on until the stream fails.
+async fn send_log(
+    queue: Arc<LogQueue>,
+    mut stream: quinn::SendStream,
+    mut cursor: u64,
+    epoch: u64,
+    corrupt: Option<u64>,
+) {
+    let mut frames = 0u64;
+    loop {
+        let batch: Batch = queue.next_batch(cursor).await;
+        let header = BatchHeader {
+            epoch,
+            first_index: batch.first_index,
+            count: batch.count,
+        };
+        let mut buf = Vec::with_capacity(batch.entries.len() + 64);
+        let framed = encode_batch(&header, &batch.entries).and_then(|p| {
+            frame::encode_frame(FRAME_ENTRIES, &p, MAX_LOG_FRAME, &mut buf)
+                .map_err(crate::replay::log::LogError::EntryTooLarge)
+        });
+        if let Err(e) = framed {
+            tracing::error!(error = %e, "cannot frame a log batch; ending the session");
+            return;
+        }
+        frames += 1;
+        if corrupt == Some(frames) {
+            let mid = buf.len() / 2;
+            buf[mid] ^= 0xff;
+            tracing::warn!(
+                frame = frames,
+                first = batch.first_index,
+                "test hook: corrupted this log frame"
+            );
+        }
+        if let Err(e) = stream.write_all(&buf).await {
+            tracing::debug!(error = %e, "log stream closed");
+            return;
+        }
+        cursor = batch.last_index() + 1;
+    }
+}
+
+/// How a backup session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    Refused(String),
+    Lost(String),
+    Goodbye,
+    Stopped,
+}
+
+/// The backup's side.
+#[derive(Debug)]
+pub struct BackupChannel {
+    pub settings: ChannelSettings,
+    pub queue: Arc<ReplayQueue>,
+    pub role: RoleCell,
+    pub link: Arc<LinkState>,
+    shape: MachineShape,
+    disk_root: Option<[u8; 32]>,
+    /// The epoch this node has stored (the Hello says it; a Welcome must
+    /// not be older).
+    epoch_seen: AtomicU64,
+    to_primary: Mutex<Option<mpsc::Sender<Control>>>,
+}
+
+impl BackupChannel {
+    pub fn new(
+        settings: ChannelSettings,
+        queue: Arc<ReplayQueue>,
+        role: RoleCell,
+        link: Arc<LinkState>,
+        shape: MachineShape,
+        disk_root: Option<[u8; 32]>,
+        epoch_seen: u64,
+    ) -> Arc<Self> {
+        Arc::new(BackupChannel {
+            settings,
+            queue,
+            role,
+            link,
+            shape,
+            disk_root,
+            epoch_seen: AtomicU64::new(epoch_seen),
+            to_primary: Mutex::new(None),
+        })
+    }
+
+    /// Sends `m` to the primary if connected (divergence reports, goodbye).
+    pub async fn tell_primary(&self, m: Control) {
+        let tx = self
+            .to_primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(m).await;
+            // Let the writer flush it before the caller closes anything.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Dials the primary until paired, then keeps the link up, resuming
+    /// after every loss. The first Welcome goes to `welcome` (the node
+    /// starts replay on it). Returns when the primary said goodbye, when
+    /// `stop` is set, or with the reason of a refused pairing.
+    pub async fn run(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        welcome: oneshot::Sender<Welcome>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), ChannelError> {
+        let mut welcome = Some(welcome);
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0u64;
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            attempt += 1;
+            let conn = match self.dial(&endpoint).await {
+                Ok(c) => c,
+                Err(e) => {
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        tracing::warn!(peer = %self.settings.me.peer, attempt, error = %e, "cannot reach the primary yet; retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            let end = self.session(&conn, &mut welcome, &mut stop).await;
+            self.link.connected.store(false, Ordering::Relaxed);
+            *self.to_primary.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            match end {
+                SessionEnd::Refused(reason) => {
+                    self.link.note_refusal(&reason);
+                    return Err(ChannelError::Refused(reason));
+                }
+                SessionEnd::Goodbye => {
+                    tracing::info!(peer = %self.settings.me.peer, "the primary said goodbye; the log ends");
+                    return Ok(());
+                }
+                SessionEnd::Stopped => {
+                    conn.close(CLOSE_DONE.into(), b"backup stopping");
+                    return Ok(());
+                }
+                SessionEnd::Lost(why) => {
+                    tracing::warn!(peer = %self.settings.me.peer, received = self.queue.received(), "connection to the primary lost ({why}); reconnecting");
+                    conn.close(CLOSE_DONE.into(), b"lost");
+                }
+            }
+        }
+    }
+
+    async fn dial(&self, endpoint: &quinn::Endpoint) -> Result<quinn::Connection, String> {
+        let addr = tokio::net::lookup_host(&self.settings.peer_address)
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", self.settings.peer_address))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", self.settings.peer_address))?;
+        quic::connect(endpoint, addr, &self.settings.me.peer, HELLO_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn session(
+        &self,
+        conn: &quinn::Connection,
+        welcome_out: &mut Option<oneshot::Sender<Welcome>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> SessionEnd {
+        let peer = self.settings.me.peer.clone();
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return SessionEnd::Lost(format!("no control stream: {e}")),
+        };
+        let received = self.queue.received();
+        let hello = Hello {
+            cluster: self.settings.me.cluster.clone(),
+            node: self.settings.me.node.clone(),
+            peer: peer.clone(),
+            epoch: self.epoch_seen.load(Ordering::Relaxed),
+            log_format: LOG_FORMAT_VERSION,
+            shape: self.shape.clone(),
+            disk_root: self.disk_root,
+            disk_reads: self.settings.me.disk_reads,
+            position: Position { received },
+        };
+        if let Err(e) = send_control(&mut send, &Control::Hello(hello)).await {
+            return SessionEnd::Lost(format!("hello not sent: {e}"));
+        }
+        let reply = match tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv)).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => {
+                return SessionEnd::Lost("the primary closed the control stream".into())
+            }
+            Ok(Err(e)) => {
+                if e.contains("protocol version") {
+                    tracing::error!(%peer, reason = %e, "refusing the primary");
+                    refuse(conn, Some(&mut send), &e).await;
+                    return SessionEnd::Refused(e);
+                }
+                return SessionEnd::Lost(e);
+            }
+            Err(_) => return SessionEnd::Lost("no answer to the hello".into()),
+        };
+        let welcome = match reply {
+            Control::Welcome(w) => w,
+            Control::Refused { reason } => {
+                tracing::error!(%peer, %reason, "the primary refused the pairing");
+                conn.close(CLOSE_DONE.into(), b"refused");
+                return SessionEnd::Refused(reason);
+            }
+            other => return SessionEnd::Lost(format!("expected a welcome, got {other:?}")),
+        };
+        if let Err(reason) = check_welcome(
+            &self.settings.me,
+            &welcome,
+            self.epoch_seen.load(Ordering::Relaxed),
+            &self.shape,
+            &self.disk_root,
+            received,
+        ) {
+            tracing::error!(%peer, %reason, "refusing the primary");
+            refuse(conn, Some(&mut send), &reason).await;
+            return SessionEnd::Refused(reason);
+        }
+        let epoch = welcome.epoch;
+        self.epoch_seen.store(epoch, Ordering::Relaxed);
+        if let Some(tx) = welcome_out.take() {
+            let _ = tx.send(welcome);
+        }
+        let log = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_uni()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return SessionEnd::Lost(format!("no log stream: {e}")),
+            Err(_) => return SessionEnd::Lost("no log stream in time".into()),
+        };
+        self.link.connected.store(true, Ordering::Relaxed);
+        self.link.goodbye.store(false, Ordering::Relaxed);
+        self.link.sessions.fetch_add(1, Ordering::Relaxed);
+        self.link.touch();
+        tracing::info!(%peer, epoch, resume_from = received + 1, "paired with the primary");
+        let (ack_tx, mut ack_rx) = watch::channel(received);
+        let receiver = tokio::spawn(receive_log(
+            self.queue.clone(),
+            log,
+            epoch,
+            ack_tx,
+            conn.clone(),
+        ));
+        let writer = spawn_writer(send);
+        *self.to_primary.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer.clone());
+        let mut reader = spawn_reader(recv);
+        let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
+        let mut status = tokio::time::interval(STATUS_EVERY);
+        let started = Instant::now();
+        let end = loop {
+            tokio::select! {
+                changed = ack_rx.changed() => {
+                    if changed.is_err() {
+                        break SessionEnd::Lost("the log stream ended".into());
+                    }
+                    let received = *ack_rx.borrow_and_update();
+                    self.link.acked.store(received, Ordering::Relaxed);
+                    if writer.send(Control::Ack { received }).await.is_err() {
+                        break SessionEnd::Lost("control stream closed".into());
+                    }
+                }
+                _ = status.tick() => {
+                    let p = &self.queue.progress;
+                    let m = Control::ReplayStatus {
+                        replayed: p.replayed.load(Ordering::Relaxed),
+                        ordinal: p.ordinal.load(Ordering::Relaxed),
+                        clock_ns: p.clock_ns.load(Ordering::Relaxed),
+                    };
+                    if writer.send(m).await.is_err() {
+                        break SessionEnd::Lost("control stream closed".into());
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    self.link.rtt_us.store(conn.rtt().as_micros() as u64, Ordering::Relaxed);
+                    let sent_ns = started.elapsed().as_nanos() as u64;
+                    if writer.send(Control::Heartbeat { sent_ns }).await.is_err() {
+                        break SessionEnd::Lost("control stream closed".into());
+                    }
+                }
+                msg = reader.recv() => match msg {
+                    Some(Ok(Control::Heartbeat { .. })) => self.link.touch(),
+                    Some(Ok(Control::Goodbye { reason })) => {
+                        tracing::info!(%peer, %reason, "the primary is stopping; its log ends with the machine's end");
+                        self.link.goodbye.store(true, Ordering::Relaxed);
+                    }
+                    Some(Ok(Control::Refused { reason })) => {
+                        tracing::error!(%peer, %reason, "the primary refused this backup");
+                        break SessionEnd::Refused(reason);
+                    }
+                    Some(Ok(other)) => break SessionEnd::Lost(format!("unexpected control message {other:?}")),
+                    Some(Err(e)) => break SessionEnd::Lost(e),
+                    None => break SessionEnd::Lost("control stream ended".into()),
+                },
+                _ = stop.changed() => {
+                    if *stop.borrow() {
+                        let _ = writer.send(Control::Goodbye { reason: "the backup is stopping".into() }).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        break SessionEnd::Stopped;
+                    }
+                }
+                e = conn.closed() => {
+                    break if self.link.goodbye.load(Ordering::Relaxed) {
+                        SessionEnd::Goodbye
+                    } else {
+                        SessionEnd::Lost(format!("connection closed: {e}"))
+                    };
+                }
+            }
+        };
+        receiver.abort();
+        if self.link.goodbye.load(Ordering::Relaxed) && matches!(end, SessionEnd::Lost(_)) {
+            return SessionEnd::Goodbye;
+        }
+        end
+    }
+}
+
+/// Pushes every batch that decodes into the replay queue and publishes the
+/// last index received; a frame that does not decode ends the connection.
+async fn receive_log(
+    queue: Arc<ReplayQueue>,
+    mut log: quinn::RecvStream,
+    epoch: u64,
+    ack: watch::Sender<u64>,
+    conn: quinn::Connection,
+) {
+    let path = Path::new("log channel");
+    loop {
+        let frame = match read_frame_async(&mut log, MAX_LOG_FRAME).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                bad_frame(&conn, &format!("corrupt log frame: {e}"));
+                return;
+            }
+        };
+        if frame.kind != FRAME_ENTRIES {
+            bad_frame(&conn, &format!("log frame of kind {}", frame.kind));
+            return;
+        }
+        let (header, entries) = match decode_batch(path, &frame.payload) {
+            Ok(b) => b,
+            Err(e) => {
+                bad_frame(&conn, &e.to_string());
+                return;
+            }
+        };
+        if header.epoch != epoch {
+            bad_frame(
+                &conn,
+                &format!(
+                    "log batch of epoch {}, the session is in epoch {epoch}",
+                    header.epoch
+                ),
+            );
+            return;
+        }
+        match queue
+            .push(header.first_index, entries, frame.payload.len())
+            .await
+        {
+            Ok(received) => {
+                ack.send_replace(received);
+            }
+            Err(e) => {
+                bad_frame(&conn, &e.to_string());
+                return;
+            }
+        }
+    }
+}
+
+fn bad_frame(conn: &quinn::Connection, why: &str) {
+    tracing::error!(
+        reason = %why,
+        "log channel: bad frame from the primary; ending the connection (nothing from it is replayed)"
+    );
+    let mut text = why.as_bytes().to_vec();
+    text.truncate(512);
+    conn.close(CLOSE_BAD_FRAME.into(), &text);
+}

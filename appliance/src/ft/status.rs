@@ -1,0 +1,386 @@
+//! What `/status` and `/metrics` report: a snapshot read from the parts
+//! that own each value (the role cell, the link, the queues, the gate).
+//! Nothing here keeps its own copy of the role or of any counter.
+
+use super::channel::LinkState;
+use super::log_queue::LogQueue;
+use super::output_gate::OutputGate;
+use super::replay_queue::ReplayQueue;
+use super::role::RoleCell;
+use crate::replay::log::DiskReads;
+use serde::Serialize;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// A divergence found by replay.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Divergence {
+    pub ordinal: u64,
+    pub what: String,
+}
+
+/// The parts a node's status is read from. A part a role does not have
+/// (a backup's log queue) is `None`; going live installs the live parts.
+#[derive(Debug)]
+pub struct StatusSources {
+    pub node: String,
+    pub cluster: String,
+    pub peer: String,
+    pub disk_reads: DiskReads,
+    pub role: RoleCell,
+    pub link: Arc<LinkState>,
+    pub log: Mutex<Option<Arc<LogQueue>>>,
+    pub gate: Mutex<Option<OutputGate>>,
+    pub replay: Mutex<Option<Arc<ReplayQueue>>>,
+    pub divergence: Mutex<Option<Divergence>>,
+    /// Per-second rates, refreshed by [`StatusSources::sample`].
+    rates: Mutex<Rates>,
+    started: Instant,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Rates {
+    at: Option<Instant>,
+    entries: u64,
+    bytes: u64,
+    entries_per_s: f64,
+    bytes_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerReport {
+    pub name: String,
+    pub connected: bool,
+    pub rtt_ms: f64,
+    /// Time since anything was heard from the peer (null: never).
+    pub silent_ms: Option<u64>,
+    pub sessions: u64,
+    /// The last pairing refusal, either way.
+    pub refused: Option<String>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct LogReport {
+    pub entries: u64,
+    pub bytes: u64,
+    pub entries_per_s: f64,
+    pub bytes_per_s: f64,
+    pub last_index: u64,
+    pub last_acked: u64,
+    pub buffer_bytes: u64,
+    pub buffer_capacity: u64,
+    pub waited_full_ms: u64,
+    pub slowed_ms: u64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct ReplayReport {
+    pub exit_ordinal: u64,
+    pub replayed_index: u64,
+    pub received_index: u64,
+    pub lag_ms: f64,
+    pub buffer_bytes: u64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct HeldReport {
+    pub frames: u64,
+    pub bytes: u64,
+    pub oldest_ms: Option<u64>,
+    pub sent: u64,
+    pub dropped: u64,
+    pub max_hold_ms: f64,
+}
+
+/// The `/status` document.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub node: String,
+    pub cluster: String,
+    pub role: &'static str,
+    pub epoch: u64,
+    pub role_reason: String,
+    pub role_since_s: f64,
+    /// Live and a backup has every entry outputs depend on.
+    pub protected: bool,
+    pub peer: PeerReport,
+    pub log: Option<LogReport>,
+    pub replay: Option<ReplayReport>,
+    pub held_outputs: Option<HeldReport>,
+    pub disk_reads: &'static str,
+    pub divergence: Option<Divergence>,
+    pub replication_stopped: Option<String>,
+    pub uptime_s: f64,
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+impl StatusSources {
+    pub fn new(
+        node: &str,
+        cluster: &str,
+        peer: &str,
+        disk_reads: DiskReads,
+        role: RoleCell,
+        link: Arc<LinkState>,
+    ) -> Arc<Self> {
+        Arc::new(StatusSources {
+            node: node.into(),
+            cluster: cluster.into(),
+            peer: peer.into(),
+            disk_reads,
+            role,
+            link,
+            log: Mutex::new(None),
+            gate: Mutex::new(None),
+            replay: Mutex::new(None),
+            divergence: Mutex::new(None),
+            rates: Mutex::new(Rates::default()),
+            started: Instant::now(),
+        })
+    }
+
+    fn log_queue(&self) -> Option<Arc<LogQueue>> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn gate(&self) -> Option<OutputGate> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn replay_queue(&self) -> Option<Arc<ReplayQueue>> {
+        self.replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_divergence(&self, d: Divergence) {
+        *self.divergence.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
+    }
+
+    /// Refreshes the per-second log rates (called once a second).
+    pub fn sample(&self) {
+        let Some(q) = self.log_queue() else {
+            return;
+        };
+        let entries = q.stats.entries.load(Ordering::Relaxed);
+        let bytes = q.stats.bytes.load(Ordering::Relaxed);
+        let mut r = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some(at) = r.at {
+            let dt = now.duration_since(at).as_secs_f64().max(1e-3);
+            r.entries_per_s = entries.saturating_sub(r.entries) as f64 / dt;
+            r.bytes_per_s = bytes.saturating_sub(r.bytes) as f64 / dt;
+        }
+        r.at = Some(now);
+        r.entries = entries;
+        r.bytes = bytes;
+    }
+
+    pub fn report(&self) -> StatusReport {
+        let role = self.role.get();
+        let link = &self.link;
+        let connected = link.connected.load(Ordering::Relaxed);
+        let log = self.log_queue().map(|q| {
+            let r = *self.rates.lock().unwrap_or_else(|p| p.into_inner());
+            let (buf, cap) = q.fill();
+            LogReport {
+                entries: q.stats.entries.load(Ordering::Relaxed),
+                bytes: q.stats.bytes.load(Ordering::Relaxed),
+                entries_per_s: r.entries_per_s,
+                bytes_per_s: r.bytes_per_s,
+                last_index: q.last_index(),
+                last_acked: q.acked(),
+                buffer_bytes: buf as u64,
+                buffer_capacity: cap as u64,
+                waited_full_ms: q.stats.waited_full_us.load(Ordering::Relaxed) / 1000,
+                slowed_ms: q.stats.slowed_us.load(Ordering::Relaxed) / 1000,
+            }
+        });
+        let replay = match (self.replay_queue(), self.log_queue()) {
+            (Some(rq), _) => {
+                let p = &rq.progress;
+                let (buf, _) = rq.fill();
+                Some(ReplayReport {
+                    exit_ordinal: p.ordinal.load(Ordering::Relaxed),
+                    replayed_index: p.replayed.load(Ordering::Relaxed),
+                    received_index: rq.received(),
+                    lag_ms: ms(p
+                        .received_clock_ns
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(p.clock_ns.load(Ordering::Relaxed))),
+                    buffer_bytes: buf as u64,
+                })
+            }
+            // A primary sees its backup's replay through the status reports.
+            (None, Some(q)) if q.stats.backup_reporting.load(Ordering::Relaxed) => {
+                Some(ReplayReport {
+                    lag_ms: ms(q
+                        .stats
+                        .primary_clock_ns
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(q.stats.replayed_clock_ns.load(Ordering::Relaxed))),
+                    ..ReplayReport::default()
+                })
+            }
+            _ => None,
+        };
+        let held_outputs = self.gate().map(|g| {
+            let (frames, bytes, oldest) = g.held();
+            let st = g.stats();
+            HeldReport {
+                frames: frames as u64,
+                bytes: bytes as u64,
+                oldest_ms: oldest.map(|d| d.as_millis() as u64),
+                sent: st.sent.load(Ordering::Relaxed),
+                dropped: st.dropped.load(Ordering::Relaxed),
+                max_hold_ms: st.max_hold_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            }
+        });
+        let replication_stopped = link.replication_stopped();
+        StatusReport {
+            node: self.node.clone(),
+            cluster: self.cluster.clone(),
+            role: role.role.name(),
+            epoch: role.epoch,
+            role_reason: role.reason,
+            role_since_s: role.since.elapsed().as_secs_f64(),
+            protected: role.role == super::role::Role::Primary
+                && connected
+                && replication_stopped.is_none(),
+            peer: PeerReport {
+                name: self.peer.clone(),
+                connected,
+                rtt_ms: link.rtt_us.load(Ordering::Relaxed) as f64 / 1000.0,
+                silent_ms: link.silent_for().map(|d| d.as_millis() as u64),
+                sessions: link.sessions.load(Ordering::Relaxed),
+                refused: link
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            },
+            log,
+            replay,
+            held_outputs,
+            disk_reads: self.disk_reads.name(),
+            divergence: self
+                .divergence
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            replication_stopped,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// `/status` for a person (`ftvm status` without `--json`).
+pub fn render_text(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(|x| x.as_str())
+            .unwrap_or("?")
+            .to_string()
+    };
+    let n = |p: &str| v.pointer(p).and_then(|x| x.as_f64()).unwrap_or(0.0);
+    let mut out = String::new();
+    let protected = if v.pointer("/protected").and_then(|x| x.as_bool()) == Some(true) {
+        "protected"
+    } else {
+        "NOT protected"
+    };
+    let _ = writeln!(
+        out,
+        "{} (cluster {}): {}, epoch {} - {protected}",
+        s("/node"),
+        s("/cluster"),
+        s("/role"),
+        n("/epoch")
+    );
+    let _ = writeln!(
+        out,
+        "  since {:.1} s: {}",
+        n("/role_since_s"),
+        s("/role_reason")
+    );
+    let connected = v.pointer("/peer/connected").and_then(|x| x.as_bool()) == Some(true);
+    let heard = match v.pointer("/peer/silent_ms").and_then(|x| x.as_u64()) {
+        Some(ms) => format!("last heard {ms} ms ago"),
+        None => "never heard".into(),
+    };
+    let _ = writeln!(
+        out,
+        "  peer {}: {}, rtt {:.2} ms, {heard}, {} session(s)",
+        s("/peer/name"),
+        if connected {
+            "connected"
+        } else {
+            "NOT connected"
+        },
+        n("/peer/rtt_ms"),
+        n("/peer/sessions")
+    );
+    if let Some(r) = v.pointer("/peer/refused").and_then(|x| x.as_str()) {
+        let _ = writeln!(out, "  last pairing refusal: {r}");
+    }
+    if v.pointer("/log").is_some_and(|x| !x.is_null()) {
+        let _ = writeln!(
+            out,
+            "  log: {} entries ({:.1} MB), {:.0} entries/s, {:.1} kB/s; acked {} of {}; buffer {:.1} of {:.0} MiB; vCPU slowed {} ms, waited {} ms",
+            n("/log/entries"),
+            n("/log/bytes") / 1e6,
+            n("/log/entries_per_s"),
+            n("/log/bytes_per_s") / 1e3,
+            n("/log/last_acked"),
+            n("/log/last_index"),
+            n("/log/buffer_bytes") / 1048576.0,
+            n("/log/buffer_capacity") / 1048576.0,
+            n("/log/slowed_ms"),
+            n("/log/waited_full_ms")
+        );
+    }
+    if v.pointer("/replay").is_some_and(|x| !x.is_null()) {
+        let _ = writeln!(
+            out,
+            "  replay: exit {}, entry {} of {} received, lag {:.1} ms",
+            n("/replay/exit_ordinal"),
+            n("/replay/replayed_index"),
+            n("/replay/received_index"),
+            n("/replay/lag_ms")
+        );
+    }
+    if v.pointer("/held_outputs").is_some_and(|x| !x.is_null()) {
+        let _ = writeln!(
+            out,
+            "  held outputs: {} frames now; {} sent, {} dropped, longest hold {:.1} ms",
+            n("/held_outputs/frames"),
+            n("/held_outputs/sent"),
+            n("/held_outputs/dropped"),
+            n("/held_outputs/max_hold_ms")
+        );
+    }
+    let _ = writeln!(out, "  disk reads: {}", s("/disk_reads"));
+    match v.pointer("/divergence").filter(|x| !x.is_null()) {
+        Some(d) => {
+            let _ = writeln!(
+                out,
+                "  DIVERGED at exit {}: {}",
+                d.pointer("/ordinal").and_then(|x| x.as_u64()).unwrap_or(0),
+                d.pointer("/what").and_then(|x| x.as_str()).unwrap_or("?")
+            );
+        }
+        None => {
+            let _ = writeln!(out, "  divergence: none");
+        }
+    }
+    if let Some(r) = v.pointer("/replication_stopped").and_then(|x| x.as_str()) {
+        let _ = writeln!(out, "  REPLICATION STOPPED: {r}");
+    }
+    out
+}

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# A three-site lab on one machine (needs root): site A, site B, the witness
+# site and a client, each a network namespace; a WAN relay between the
+# sites (tests/src/bin/wan-relay.rs: delay, jitter, loss, partitions).
+#
+#   scripts/lab.sh up    [--prefix P] [--dir D] [--delay-ms N]
+#   scripts/lab.sh down  [--prefix P] [--dir D]
+#   scripts/lab.sh relay [--prefix P] [--dir D] -- (set|block|unblock) ROUTE|all [fwd|rev|both] [delay=MS jitter=MS loss=P] | status
+#   scripts/lab.sh exec  [--prefix P] a|b|w|c|wan -- COMMAND...
+#
+# Defaults: P=ftvm, D=lab-out. `up` creates D with a development PKI, the
+# lab configs from examples/lab/ (machine.image pointed at the built ftkv),
+# two identical 64 MiB disks and the state directories, then starts the
+# relay. Binaries come from $FTVM_BIN_DIR (default target/release, else
+# target/debug).
+#
+#            P-a (site A)                 P-wan                 P-b (site B)
+#   ftkv VM ─ TAP ftvm0 ┐  wan0 10.77.1.2 ── relay ── 10.77.2.2 wan0  ┌ TAP ftvm0 ─ ftkv VM
+#                 br0 ──┤                    │                        ├── br0
+#                       └── lan0 ─┐      10.77.3.2 (P-w: witness)  ┌─ lan0
+#                                 └──── P-c: bridge `lan`, client 10.0.2.1/24
+#
+# The client LAN is stretched across both sites (as VMware FT assumes): the
+# guest has one IP and MAC (10.0.2.15, 52:54:00:12:34:56) wherever it is
+# live. Relay routes (peer and witness addresses in the configs):
+#   b-to-a  10.77.2.1:7401 -> 10.77.1.2:7400   (B dials A's log channel)
+#   a-to-b  10.77.1.1:7402 -> 10.77.2.2:7400   (A dials B's log channel)
+#   a-w     10.77.1.1:7470 -> 10.77.3.2:7470   (A asks the witness)
+#   b-w     10.77.2.1:7470 -> 10.77.3.2:7470   (B asks the witness)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cmd=${1:-}
+shift || true
+P=ftvm
+D=lab-out
+DELAY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) P=$2; shift 2 ;;
+    --dir) D=$2; shift 2 ;;
+    --delay-ms) DELAY=$2; shift 2 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+if [ -z "${FTVM_BIN_DIR:-}" ]; then
+  if [ -x "$ROOT/target/release/wan-relay" ]; then FTVM_BIN_DIR=$ROOT/target/release; else FTVM_BIN_DIR=$ROOT/target/debug; fi
+fi
+FTVM=$FTVM_BIN_DIR/ftvm
+RELAY=$FTVM_BIN_DIR/wan-relay
+ns() { ip netns exec "$P-$1" "${@:2}"; }
+
+veth() { # veth NS1 IF1 NS2 IF2
+  ip -n "$1" link add "$2" type veth peer name "$4" netns "$3"
+  ip -n "$1" link set "$2" up
+  ip -n "$3" link set "$4" up
+}
+
+up() {
+  for x in wan a b w c; do
+    ip netns add "$P-$x"
+    ip -n "$P-$x" link set lo up
+  done
+  # WAN: each site reaches only the relay's address on its own link.
+  veth "$P-wan" to-a "$P-a" wan0
+  veth "$P-wan" to-b "$P-b" wan0
+  veth "$P-wan" to-w "$P-w" wan0
+  ip -n "$P-wan" addr add 10.77.1.1/24 dev to-a
+  ip -n "$P-wan" addr add 10.77.2.1/24 dev to-b
+  ip -n "$P-wan" addr add 10.77.3.1/24 dev to-w
+  ip -n "$P-a" addr add 10.77.1.2/24 dev wan0
+  ip -n "$P-b" addr add 10.77.2.2/24 dev wan0
+  ip -n "$P-w" addr add 10.77.3.2/24 dev wan0
+  # The client LAN, stretched to both sites' bridges.
+  ip -n "$P-c" link add lan type bridge
+  ip -n "$P-c" link set lan up
+  ip -n "$P-c" addr add 10.0.2.1/24 dev lan
+  for s in a b; do
+    ip -n "$P-$s" link add br0 type bridge
+    ip -n "$P-$s" link set br0 up
+    ip -n "$P-$s" tuntap add dev ftvm0 mode tap
+    ip -n "$P-$s" link set ftvm0 master br0
+    ip -n "$P-$s" link set ftvm0 up
+    veth "$P-$s" lan0 "$P-c" "site-$s"
+    ip -n "$P-$s" link set lan0 master br0
+    ip -n "$P-c" link set "site-$s" master lan
+  done
+
+  mkdir -p "$D"
+  "$FTVM" certs init --dir "$D/pki" >/dev/null 2>&1
+  for n in node-a node-b witness; do "$FTVM" certs issue --dir "$D/pki" --node "$n" >/dev/null 2>&1; done
+  local image
+  image=$(cd "$FTVM_BIN_DIR/../guest/x86_64-unknown-linux-gnu/release" 2>/dev/null && pwd)/ftkv
+  for f in node-a node-b witness; do
+    sed "s|^image = .*|image = \"$image\"|" "$ROOT/examples/lab/$f.toml" > "$D/$f.toml"
+  done
+  rm -f "$D/node-a.img" "$D/node-b.img"
+  "$FTVM" disk create "$D/node-a.img" --size 64M >/dev/null
+  cp --sparse=always "$D/node-a.img" "$D/node-b.img"
+
+  ns wan "$RELAY" run --control "$D/relay.sock" --delay-ms "$DELAY" \
+    --route b-to-a=10.77.2.1:7401\>10.77.1.2:7400 \
+    --route a-to-b=10.77.1.1:7402\>10.77.2.2:7400 \
+    --route a-w=10.77.1.1:7470\>10.77.3.2:7470 \
+    --route b-w=10.77.2.1:7470\>10.77.3.2:7470 \
+    >"$D/relay.log" 2>&1 &
+  echo $! >"$D/relay.pid"
+  for _ in $(seq 50); do [ -S "$D/relay.sock" ] && break; sleep 0.1; done
+  [ -S "$D/relay.sock" ] || { echo "lab: the relay did not start (see $D/relay.log)" >&2; exit 1; }
+  echo "lab: up (prefix $P, dir $D, one-way delay ${DELAY} ms)"
+  echo "lab:   witness: ip netns exec $P-w $FTVM_BIN_DIR/ftvm-witness run --config $D/witness.toml"
+  echo "lab:   site A:  ip netns exec $P-a $FTVM run --config $D/node-a.toml --primary"
+  echo "lab:   site B:  ip netns exec $P-b $FTVM run --config $D/node-b.toml"
+  echo "lab:   client:  ip netns exec $P-c redis-cli -h 10.0.2.15 PING"
+}
+
+down() {
+  for x in a b w c wan; do
+    if ip netns list | grep -qw "$P-$x"; then
+      for pid in $(ip netns pids "$P-$x" 2>/dev/null); do kill -TERM "$pid" 2>/dev/null || true; done
+    fi
+  done
+  sleep 0.5
+  for x in a b w c wan; do
+    if ip netns list | grep -qw "$P-$x"; then
+      for pid in $(ip netns pids "$P-$x" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+      ip netns del "$P-$x" 2>/dev/null || true
+    fi
+  done
+  rm -f "$D/relay.pid" "$D/relay.sock"
+  echo "lab: down (prefix $P)"
+}
+
+case "$cmd" in
+  up) up ;;
+  down) down ;;
+  relay) "$RELAY" ctl --control "$D/relay.sock" "$@" ;;
+  exec)
+    site=${1:?exec needs a site: a, b, w, c or wan}
+    shift
+    [ "${1:-}" = "--" ] && shift
+    ns "$site" "$@"
+    ;;
+  *)
+    sed -n '2,12p' "$0" >&2
+    exit 2
+    ;;
+esac
