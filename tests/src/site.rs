@@ -128,6 +128,12 @@ impl Guard {
         Ok(child.wait_with_output()?)
     }
 
+    /// Waits for the process to exit (after a signal, say).
+    pub fn wait_status(mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("already waited")?;
+        Ok(child.wait()?)
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }

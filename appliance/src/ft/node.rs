@@ -450,8 +450,16 @@ impl Node {
             let waited = self.rt.block_on(async {
                 tokio::time::timeout(Duration::from_millis(100), &mut welcome_rx).await
             });
-            if let Ok(Ok(w)) = waited {
-                break w;
+            match waited {
+                Ok(Ok(w)) => break w,
+                // The link task ended before a pairing: refused, or stopped.
+                Ok(Err(_)) => {
+                    return match self.rt.block_on(link_task) {
+                        Ok(Err(e)) => Err(e.into()),
+                        _ => Ok(NodeOutcome::Stopped),
+                    }
+                }
+                Err(_) => {}
             }
         };
         self.start_replay(welcome, machine, queue, channel, endpoint, link_task)

@@ -50,6 +50,12 @@ pub struct ReplayProgress {
     pub clock_ns: AtomicU64,
     /// Guest clock of the last exit entry received, ns.
     pub received_clock_ns: AtomicU64,
+    /// State digests handed to the replayer (each is compared at once; a
+    /// mismatch stops replay as a divergence).
+    pub digests: AtomicU64,
+    /// Exits with output handed to the replayer (each one's frames are
+    /// compared at the end of the exit).
+    pub output_checks: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -260,13 +266,27 @@ impl EntrySource for LiveSource {
             self.consumed += 1;
             let p = &self.queue.progress;
             p.replayed.fetch_add(1, Ordering::Relaxed);
-            if let Entry::Exit {
-                ordinal, clock_ns, ..
-            } = e
-            {
-                self.ordinal = *ordinal;
-                p.ordinal.store(*ordinal, Ordering::Relaxed);
-                p.clock_ns.store(*clock_ns, Ordering::Relaxed);
+            match e {
+                Entry::Exit {
+                    ordinal,
+                    clock_ns,
+                    tx,
+                    ..
+                } => {
+                    self.ordinal = *ordinal;
+                    p.ordinal.store(*ordinal, Ordering::Relaxed);
+                    p.clock_ns.store(*clock_ns, Ordering::Relaxed);
+                    if tx.is_some() {
+                        p.output_checks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Entry::Inputs { tx: Some(_), .. } => {
+                    p.output_checks.fetch_add(1, Ordering::Relaxed);
+                }
+                Entry::Digest { .. } => {
+                    p.digests.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
             }
         }
         Ok(e)

@@ -81,6 +81,8 @@ pub struct ReplayReport {
     pub received_index: u64,
     pub lag_ms: f64,
     pub buffer_bytes: u64,
+    pub digests_checked: u64,
+    pub outputs_checked: u64,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -214,6 +216,8 @@ impl StatusSources {
                         .load(Ordering::Relaxed)
                         .saturating_sub(p.clock_ns.load(Ordering::Relaxed))),
                     buffer_bytes: buf as u64,
+                    digests_checked: p.digests.load(Ordering::Relaxed),
+                    outputs_checked: p.output_checks.load(Ordering::Relaxed),
                 })
             }
             // A primary sees its backup's replay through the status reports.
@@ -348,11 +352,13 @@ pub fn render_text(v: &serde_json::Value) -> String {
     if v.pointer("/replay").is_some_and(|x| !x.is_null()) {
         let _ = writeln!(
             out,
-            "  replay: exit {}, entry {} of {} received, lag {:.1} ms",
+            "  replay: exit {}, entry {} of {} received, lag {:.1} ms; {} state digests and {} exits' output checked",
             n("/replay/exit_ordinal"),
             n("/replay/replayed_index"),
             n("/replay/received_index"),
-            n("/replay/lag_ms")
+            n("/replay/lag_ms"),
+            n("/replay/digests_checked"),
+            n("/replay/outputs_checked")
         );
     }
     if v.pointer("/held_outputs").is_some_and(|x| !x.is_null()) {

@@ -140,8 +140,17 @@ async fn run_route(route: Arc<Route>) -> Result<()> {
                 let (r, l, p, back) = (route.clone(), listen.clone(), rev_pipe.clone(), s.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
-                    while let Ok(n) = back.recv(&mut buf).await {
-                        r.rev.submit(&p, buf[..n].to_vec(), l.clone(), Some(from));
+                    loop {
+                        match back.recv(&mut buf).await {
+                            Ok(n) => r.rev.submit(&p, buf[..n].to_vec(), l.clone(), Some(from)),
+                            // An ICMP "port unreachable" for an earlier packet (the
+                            // target was not listening yet): the path stays up.
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                            Err(e) => {
+                                eprintln!("wan-relay: route {}: {e}", r.name);
+                                return;
+                            }
+                        }
                     }
                 });
                 s

@@ -1,0 +1,456 @@
+//! The three-site lab (`scripts/lab.sh`) for end-to-end tests: namespaces
+//! for site A, site B, the witness and a client, the WAN relay between
+//! them, the lab configs, and helpers to start the witness and the nodes,
+//! read their status and drive the relay. Every lab has its own prefix and
+//! directory, so tests run side by side; dropping it kills its processes
+//! and removes its namespaces.
+
+use crate::site::{Guard, GUEST_IP};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Hang guard for waits in tests: generous, so a busy machine never trips
+/// it; it only catches a test that would otherwise wait forever.
+pub const HANG: Duration = Duration::from_secs(120);
+
+/// One of the lab's sites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    A,
+    B,
+}
+
+impl Site {
+    pub fn letter(self) -> &'static str {
+        match self {
+            Site::A => "a",
+            Site::B => "b",
+        }
+    }
+
+    pub fn other(self) -> Site {
+        match self {
+            Site::A => Site::B,
+            Site::B => Site::A,
+        }
+    }
+}
+
+/// A lab, torn down on drop.
+#[derive(Debug)]
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub witness: Option<Guard>,
+    pub nodes: [Option<Guard>; 2],
+}
+
+fn script() -> PathBuf {
+    crate::repo_root().join("scripts/lab.sh")
+}
+
+fn bin_dir() -> PathBuf {
+    crate::bin("ftvm")
+        .parent()
+        .expect("binaries live in a directory")
+        .to_path_buf()
+}
+
+fn checked(mut cmd: Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+impl Lab {
+    /// Builds a lab in a fresh temporary directory with `delay_ms` one-way
+    /// delay on every relay route.
+    pub fn up(delay_ms: u64) -> Result<Lab> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("lab");
+        let prefix = format!("l{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let lab = Lab {
+            prefix,
+            dir,
+            _tmp: Some(tmp),
+            witness: None,
+            nodes: [None, None],
+        };
+        lab.script(&["up", "--delay-ms", &delay_ms.to_string()])?;
+        Ok(lab)
+    }
+
+    fn script(&self, args: &[&str]) -> Result<Output> {
+        let mut c = Command::new("bash");
+        c.arg(script())
+            .arg(args[0])
+            .args(["--prefix", &self.prefix, "--dir"])
+            .arg(&self.dir)
+            .args(&args[1..])
+            .env("FTVM_BIN_DIR", bin_dir());
+        checked(c)
+    }
+
+    pub fn ns(&self, site: &str) -> String {
+        format!("{}-{site}", self.prefix)
+    }
+
+    /// A command running `program` in namespace `site` (a, b, w, c, wan).
+    pub fn command(&self, site: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(site)]).arg(program);
+        c
+    }
+
+    pub fn config(&self, site: Site) -> PathBuf {
+        self.dir.join(format!("node-{}.toml", site.letter()))
+    }
+
+    /// Replaces `key = ...` (first occurrence at the start of a line) in a
+    /// site's config, or appends `line` to the `[ft]` table when absent.
+    pub fn set_ft(&self, site: Site, key: &str, value: &str) -> Result<()> {
+        let p = self.config(site);
+        let text = std::fs::read_to_string(&p)?;
+        let mut done = false;
+        let mut out = String::new();
+        for line in text.lines() {
+            if !done && line.starts_with(&format!("{key} = ")) {
+                out.push_str(&format!("{key} = {value}\n"));
+                done = true;
+            } else {
+                out.push_str(line);
+                out.push('\n');
+                if !done && line == "[ft]" && !text.contains(&format!("\n{key} = ")) {
+                    out.push_str(&format!("{key} = {value}\n"));
+                    done = true;
+                }
+            }
+        }
+        if !done {
+            bail!("{}: no [ft] table to add {key} to", p.display());
+        }
+        std::fs::write(&p, out)?;
+        Ok(())
+    }
+
+    /// Sends a command to the WAN relay (`set`, `block`, `unblock`, `status`).
+    pub fn relay(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["relay", "--"];
+        full.extend_from_slice(args);
+        let out = self.script(&full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn spawn_logged(
+        &self,
+        site: &str,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Guard> {
+        let out = std::fs::File::create(self.dir.join(format!("{name}.out")))?;
+        let err = std::fs::File::create(self.dir.join(format!("{name}.err")))?;
+        let mut c = self.command(site, program);
+        c.args(args)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        Guard::spawn(&mut c)
+    }
+
+    pub fn start_witness(&mut self) -> Result<()> {
+        let cfg = self.dir.join("witness.toml");
+        let g = self.spawn_logged(
+            "w",
+            "witness",
+            &crate::bin("ftvm-witness"),
+            &["run", "--config", cfg.to_str().context("path")?],
+            &[],
+        )?;
+        self.witness = Some(g);
+        let log = self.dir.join("witness.out");
+        wait_until("the witness to listen", || {
+            Ok(std::fs::read_to_string(&log)?.contains("LISTENING"))
+        })
+    }
+
+    /// Starts `ftvm run` for `site` with `extra` arguments (e.g. `--primary`).
+    pub fn start_node(&mut self, site: Site, extra: &[&str]) -> Result<()> {
+        self.start_node_env(site, extra, &[])
+    }
+
+    /// [`Lab::start_node`] with extra environment variables (test hooks).
+    pub fn start_node_env(&mut self, site: Site, extra: &[&str], env: &[(&str, &str)]) -> Result<()> {
+        let cfg = self.config(site);
+        let mut args = vec!["run", "--config", cfg.to_str().context("path")?];
+        args.extend_from_slice(extra);
+        let name = format!("node-{}", site.letter());
+        let g = self.spawn_logged(site.letter(), &name, &crate::bin("ftvm"), &args, env)?;
+        self.nodes[site as usize] = Some(g);
+        Ok(())
+    }
+
+    pub fn node(&mut self, site: Site) -> Option<&mut Guard> {
+        self.nodes[site as usize].as_mut()
+    }
+
+    /// What the node printed on stdout and stderr so far.
+    pub fn node_output(&self, site: Site) -> (String, String) {
+        let read = |ext: &str| {
+            std::fs::read_to_string(self.dir.join(format!("node-{}.{ext}", site.letter())))
+                .unwrap_or_default()
+        };
+        (read("out"), read("err"))
+    }
+
+    /// Sends `sig` to the node and waits for it to exit; returns its exit code.
+    pub fn stop_node(&mut self, site: Site, sig: i32) -> Result<Option<i32>> {
+        let g = self.nodes[site as usize].take().context("node not running")?;
+        g.signal(sig);
+        let status = g.wait_status()?;
+        Ok(status.code())
+    }
+
+    /// Waits for the node to exit by itself; returns its exit code.
+    pub fn wait_node(&mut self, site: Site) -> Result<Option<i32>> {
+        let g = self.nodes[site as usize].take().context("node not running")?;
+        let start = Instant::now();
+        let mut g = g;
+        while g.is_running() {
+            if start.elapsed() > HANG {
+                bail!("node {site:?} did not exit within {HANG:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(g.wait_status()?.code())
+    }
+
+    /// The node's `/status` document.
+    pub fn status(&self, site: Site) -> Result<serde_json::Value> {
+        let out = self
+            .command(site.letter(), crate::bin("ftvm"))
+            .args(["status", "--json", "--config"])
+            .arg(self.config(site))
+            .output()?;
+        if !out.status.success() {
+            bail!("status of {site:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until the node's status satisfies `pred`.
+    pub fn wait_status(
+        &self,
+        site: Site,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < HANG {
+            if let Ok(v) = self.status(site) {
+                if pred(&v) {
+                    return Ok(v);
+                }
+                last = Some(v);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "{site:?} never reached {what}; last status: {last:?}\n{}",
+            self.logs()
+        )
+    }
+
+    /// The tails of every process's logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for name in ["witness.out", "witness.err", "node-a.out", "node-a.err", "node-b.out", "node-b.err"] {
+            let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(25)..];
+            out.push_str(&format!("--- {name} (last {} lines)\n{}\n", tail.len(), tail.join("\n")));
+        }
+        out
+    }
+
+    /// `redis-cli` in the client namespace; returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .command("c", "timeout")
+            .args(["60", "redis-cli", "-h", GUEST_IP])
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Waits until ftkv answers PING through the client LAN.
+    pub fn wait_for_ping(&self) -> Result<()> {
+        wait_until("ftkv to answer PING", || {
+            Ok(self.cli(&["PING"]).is_ok_and(|o| o == "PONG"))
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
+    }
+
+    /// Starts the witness, the primary on A and the backup on B, and waits
+    /// until they are paired and ftkv answers.
+    pub fn start_pair(&mut self) -> Result<()> {
+        self.start_witness()?;
+        self.start_node(Site::A, &["--primary"])?;
+        self.start_node(Site::B, &[])?;
+        self.wait_status(Site::B, "the backup role", |v| v["role"] == "backup")?;
+        self.wait_for_ping()
+    }
+}
+
+/// Polls `pred` every 50 ms until it holds, for at most [`HANG`].
+pub fn wait_until(what: &str, mut pred: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < HANG {
+        if pred().unwrap_or(false) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("waited {HANG:?} for {what}")
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for g in self.nodes.iter_mut().chain(std::iter::once(&mut self.witness)) {
+            drop(g.take());
+        }
+        let _ = self.script(&["down"]);
+    }
+}
+
+/// Runs `f` on a thread that lives in network namespace `ns` (sockets it
+/// opens belong to that namespace), and returns its result.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = PathBuf::from("/run/netns").join(ns);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+        // SAFETY: setns on an open namespace file descriptor; it changes only
+        // this thread's network namespace, and the thread ends with `f`.
+        let rc = unsafe {
+            libc::setns(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::CLONE_NEWNET,
+            )
+        };
+        if rc != 0 {
+            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread in {ns} panicked"))?
+}
+
+/// A minimal RESP client on one TCP connection (a real socket from the
+/// client namespace; for timing replies and for seeing whether a reply
+/// came at all).
+#[derive(Debug)]
+pub struct RespConn {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RespConn {
+    pub fn connect(addr: &str) -> Result<RespConn> {
+        let stream = std::net::TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        Ok(RespConn {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Sends one command (array of bulk strings).
+    pub fn send(&mut self, args: &[&str]) -> Result<()> {
+        use std::io::Write;
+        let mut m = format!("*{}\r\n", args.len());
+        for a in args {
+            m.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.stream.write_all(m.as_bytes())?;
+        Ok(())
+    }
+
+    /// Reads one reply line (simple string, error, integer or the header of
+    /// a bulk string followed by its data), waiting at most `timeout`;
+    /// `Ok(None)` when nothing complete arrived in time.
+    pub fn reply(&mut self, timeout: Duration) -> Result<Option<String>> {
+        use std::io::Read;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = parse_reply(&self.buf) {
+                let (text, used) = r;
+                self.buf.drain(..used);
+                return Ok(Some(text));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => bail!("the server closed the connection"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sends a command and waits (up to [`HANG`]) for its reply.
+    pub fn call(&mut self, args: &[&str]) -> Result<String> {
+        self.send(args)?;
+        self.reply(HANG)?
+            .with_context(|| format!("no reply to {args:?} within {HANG:?}"))
+    }
+}
+
+/// One RESP2 reply at the start of `b`: its text and the bytes it used.
+fn parse_reply(b: &[u8]) -> Option<(String, usize)> {
+    let end = b.windows(2).position(|w| w == b"\r\n")?;
+    let line = String::from_utf8_lossy(&b[..end]).into_owned();
+    match b.first()? {
+        b'$' => {
+            let n: i64 = line[1..].parse().ok()?;
+            if n < 0 {
+                return Some(("(nil)".into(), end + 2));
+            }
+            let start = end + 2;
+            let stop = start + n as usize;
+            if b.len() < stop + 2 {
+                return None;
+            }
+            Some((String::from_utf8_lossy(&b[start..stop]).into_owned(), stop + 2))
+        }
+        _ => Some((line, end + 2)),
+    }
+}
