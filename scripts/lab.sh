@@ -7,6 +7,16 @@
 #   scripts/lab.sh down  [--prefix P] [--dir D]
 #   scripts/lab.sh relay [--prefix P] [--dir D] -- (set|block|unblock) ROUTE|all [fwd|rev|both] [delay=MS jitter=MS loss=P] | status
 #   scripts/lab.sh exec  [--prefix P] a|b|w|c|wan -- COMMAND...
+#   scripts/lab.sh start [--prefix P] [--dir D] witness|a|b [-- ARGS...]   (e.g. a -- --primary)
+#   scripts/lab.sh kill  [--prefix P] [--dir D] witness|a|b [SIGNAL]
+#   scripts/lab.sh status [--prefix P] [--dir D] a|b      (the node's /status JSON)
+#   scripts/lab.sh reset [--prefix P] [--dir D] [--from a|b]
+#
+# `start` runs a process in its site's namespace in the background (logs
+# and pidfile in D); `reset` stops both nodes and the witness, forgets
+# their state and gives both sites a copy of one site's disk (default: the
+# site that was live last), ready for a fresh pair. `up` also writes
+# D/drill.toml, the targets file of `ftvm drill` for this lab.
 #
 # Defaults: P=ftvm, D=lab-out. `up` creates D with a development PKI, the
 # lab configs from examples/lab/ (machine.image pointed at the built ftkv),
@@ -107,11 +117,83 @@ up() {
   echo $! >"$D/relay.pid"
   for _ in $(seq 50); do [ -S "$D/relay.sock" ] && break; sleep 0.1; done
   [ -S "$D/relay.sock" ] || { echo "lab: the relay did not start (see $D/relay.log)" >&2; exit 1; }
+  write_drill_targets
   echo "lab: up (prefix $P, dir $D, one-way delay ${DELAY} ms)"
   echo "lab:   witness: ip netns exec $P-w $FTVM_BIN_DIR/ftvm-witness run --config $D/witness.toml"
   echo "lab:   site A:  ip netns exec $P-a $FTVM run --config $D/node-a.toml --primary"
   echo "lab:   site B:  ip netns exec $P-b $FTVM run --config $D/node-b.toml"
   echo "lab:   client:  ip netns exec $P-c redis-cli -h 10.0.2.15 PING"
+}
+
+write_drill_targets() {
+  local me="$ROOT/scripts/lab.sh"
+  cmd_of() { echo "[\"bash\", \"$me\", \"$1\", \"--prefix\", \"$P\", \"--dir\", \"$(cd "$D" && pwd)\"${2:+, $2}]"; }
+  cat >"$D/drill.toml" <<EOT
+# Targets of \`ftvm drill\` for the lab $P (written by scripts/lab.sh up).
+service = "10.0.2.15:6379"
+client_netns = "$P-c"
+guest_mac = "52:54:00:12:34:56"
+wan_delay_ms = $DELAY
+failure_timeout_ms = 2000
+# The drill appends "--from a|b": the site whose disk both sites start from.
+reset = $(cmd_of reset)
+start_witness = $(cmd_of start '"witness"')
+kill_witness = $(cmd_of kill '"witness", "KILL"')
+partition_sites = $(cmd_of relay '"--", "block", "a-to-b,b-to-a"')
+heal_sites = $(cmd_of relay '"--", "unblock", "a-to-b,b-to-a"')
+isolate_a = $(cmd_of relay '"--", "block", "a-to-b,b-to-a,a-w"')
+isolate_b = $(cmd_of relay '"--", "block", "a-to-b,b-to-a,b-w"')
+heal_all = $(cmd_of relay '"--", "unblock", "all"')
+
+[capture]
+netns = "$P-c"
+a = "site-a"
+b = "site-b"
+
+[site.a]
+name = "node-a"
+status = $(cmd_of status '"a"')
+start_primary = $(cmd_of start '"a", "--", "--primary"')
+start_backup = $(cmd_of start '"a"')
+kill = $(cmd_of kill '"a", "KILL"')
+
+[site.b]
+name = "node-b"
+status = $(cmd_of status '"b"')
+start_primary = $(cmd_of start '"b", "--", "--primary"')
+start_backup = $(cmd_of start '"b"')
+kill = $(cmd_of kill '"b", "KILL"')
+EOT
+}
+
+start_proc() { # start_proc witness|a|b ARGS...
+  local who=$1; shift
+  local abs; abs=$(cd "$D" && pwd)
+  # `ip netns exec` execs the program: $! is the program's own pid.
+  case "$who" in
+    witness) ip netns exec "$P-w" "$FTVM_BIN_DIR/ftvm-witness" run --config "$abs/witness.toml" >"$abs/witness.out" 2>"$abs/witness.err" & ;;
+    a|b) ip netns exec "$P-$who" "$FTVM" run --config "$abs/node-$who.toml" "$@" >"$abs/node-$who.out" 2>"$abs/node-$who.err" & ;;
+    *) echo "lab: start witness|a|b" >&2; exit 2 ;;
+  esac
+  echo $! >"$abs/$who.pid"
+}
+
+kill_proc() { # kill_proc witness|a|b [SIGNAL]
+  local pidfile="$D/$1.pid" sig=${2:-TERM}
+  [ -f "$pidfile" ] || return 0
+  kill -"$sig" "$(cat "$pidfile")" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
+  rm -f "$pidfile"
+}
+
+reset() {
+  local from=${1:-a}
+  for who in a b witness; do kill_proc "$who" KILL; done
+  local to=a; [ "$from" = a ] && to=b
+  cp --sparse=always "$D/node-$from.img" "$D/node-$to.img"
+  rm -rf "$D/state-a" "$D/state-b" "$D/witness.db"
+  "$RELAY" ctl --control "$D/relay.sock" unblock all >/dev/null
+  echo "lab: reset (disk of site $from copied to site $to; state forgotten)"
 }
 
 down() {
@@ -135,6 +217,18 @@ case "$cmd" in
   up) up ;;
   down) down ;;
   relay) "$RELAY" ctl --control "$D/relay.sock" "$@" ;;
+  start)
+    who=${1:?start witness|a|b}; shift
+    [ "${1:-}" = "--" ] && shift
+    start_proc "$who" "$@"
+    ;;
+  kill) kill_proc "${1:?kill witness|a|b}" "${2:-TERM}" ;;
+  status) ns "${1:?status a|b}" "$FTVM" status --json --config "$(cd "$D" && pwd)/node-$1.toml" ;;
+  reset)
+    from=
+    [ "${1:-}" = "--from" ] && from=${2:?--from a|b}
+    reset "$from"
+    ;;
   exec)
     site=${1:?exec needs a site: a, b, w, c or wan}
     shift

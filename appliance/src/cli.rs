@@ -38,6 +38,53 @@ pub enum Command {
         /// node with `[ft]` starts as the backup of its configured peer.
         #[arg(long)]
         primary: bool,
+        /// With --primary, after the WHOLE pair was lost (both nodes down,
+        /// both fenced on restart): start the service again from this node's
+        /// disk, claiming the epoch after the witness's current one. Only
+        /// when the other node is known not to be live; see docs/runbook.md.
+        #[arg(long, requires = "primary")]
+        cold_start: bool,
+    },
+    /// Make a running BACKUP go live WITHOUT the witness. DANGEROUS.
+    ///
+    /// For an operator who has verified that the other site is down (its
+    /// ftvm process is not running, or its host is off) while the witness
+    /// cannot answer. If the other site is in fact still live, both sites
+    /// serve clients at once and their data diverge: writes acknowledged on
+    /// one are missing on the other, and nothing can merge them afterwards.
+    /// Normally the witness decides, and no answer from it means no go-live.
+    GoLive {
+        #[arg(long)]
+        config: PathBuf,
+        /// Required: confirms that the other site was verified down.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rehearse a failure against a running pair and report what clients saw.
+    ///
+    /// Needs a targets file (`scripts/lab.sh up` writes `lab-out/drill.toml`
+    /// for the lab). Each iteration starts from a healthy pair (a fresh one
+    /// when needed), drives real Redis clients, injects the fault, and
+    /// writes `<scenario>-<n>.json`, `<scenario>-<n>.svg` and `summary.md`
+    /// into `--out`. Exit code 0 when every iteration passed.
+    Drill {
+        #[arg(long)]
+        targets: PathBuf,
+        #[arg(long, value_enum)]
+        scenario: crate::drill::Scenario,
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Seed of the random fault moments and client operations.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Client connections of the write load.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Seconds of load after the fault was handled, before the checks.
+        #[arg(long, default_value_t = 8)]
+        settle: u64,
+        #[arg(long, default_value = "drill-out")]
+        out: PathBuf,
     },
     /// Print the status of a running node (its admin endpoint, `ft.admin`).
     Status {
@@ -140,7 +187,40 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 fn dispatch(cmd: Command) -> Result<ExitCode> {
     match cmd {
-        Command::Run { config, primary } => run(&config, primary),
+        Command::Run {
+            config,
+            primary,
+            cold_start,
+        } => run(&config, primary, cold_start),
+        Command::GoLive { config, force } => go_live(&config, force),
+        Command::Drill {
+            targets,
+            scenario,
+            repeat,
+            seed,
+            clients,
+            settle,
+            out,
+        } => {
+            let t = crate::drill::Targets::load(&targets)?;
+            let all = crate::drill::run(
+                &t,
+                &crate::drill::DrillOptions {
+                    scenario,
+                    repeat,
+                    seed,
+                    clients,
+                    out: out.clone(),
+                    settle: std::time::Duration::from_secs(settle),
+                },
+            )?;
+            print!("{}", std::fs::read_to_string(out.join("summary.md"))?);
+            Ok(if all.iter().all(|i| i.passed) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
         Command::Status { config, json } => status(&config, json),
         Command::Record {
             config,
@@ -272,10 +352,10 @@ fn report_disk(machine: &Machine) {
     }
 }
 
-fn run(config: &Path, primary: bool) -> Result<ExitCode> {
+fn run(config: &Path, primary: bool, cold_start: bool) -> Result<ExitCode> {
     let cfg = ApplianceConfig::load(config)?;
     if cfg.ft.is_some() {
-        return run_node(&cfg, primary);
+        return run_node(&cfg, primary, cold_start);
     }
     if primary {
         anyhow::bail!(
@@ -292,10 +372,10 @@ fn run(config: &Path, primary: bool) -> Result<ExitCode> {
 }
 
 /// Runs this node of a pair.
-fn run_node(cfg: &ApplianceConfig, primary: bool) -> Result<ExitCode> {
+fn run_node(cfg: &ApplianceConfig, primary: bool, cold_start: bool) -> Result<ExitCode> {
     use crate::ft::node::{self, NodeOutcome, StartAs};
     let start = if primary {
-        StartAs::Primary
+        StartAs::Primary { cold_start }
     } else {
         StartAs::Backup
     };
@@ -329,6 +409,23 @@ fn run_node(cfg: &ApplianceConfig, primary: bool) -> Result<ExitCode> {
             Ok(ExitCode::from(4))
         }
     }
+}
+
+/// Asks a running backup to go live without the witness.
+fn go_live(config: &Path, force: bool) -> Result<ExitCode> {
+    let cfg = ApplianceConfig::load(config)?;
+    let ft = cfg
+        .ft
+        .as_ref()
+        .with_context(|| format!("{} has no [ft] section", config.display()))?;
+    if !force {
+        anyhow::bail!(
+            "refusing without --force: going live without the witness is safe only when the other site is verified down (see `ftvm go-live --help` and docs/runbook.md)"
+        );
+    }
+    let answer = crate::admin::request(ft.admin, "POST", "/go-live?force=yes")?;
+    print!("{answer}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints a running node's status.

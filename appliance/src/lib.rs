@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod device_manager;
 pub mod devices;
+pub mod drill;
 pub mod ft;
 pub mod loader;
 pub mod machine;

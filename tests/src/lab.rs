@@ -80,7 +80,11 @@ impl Lab {
     pub fn up(delay_ms: u64) -> Result<Lab> {
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("lab");
-        let prefix = format!("l{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let prefix = format!(
+            "l{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
         let lab = Lab {
             prefix,
             dir,
@@ -194,7 +198,12 @@ impl Lab {
     }
 
     /// [`Lab::start_node`] with extra environment variables (test hooks).
-    pub fn start_node_env(&mut self, site: Site, extra: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    pub fn start_node_env(
+        &mut self,
+        site: Site,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
         let cfg = self.config(site);
         let mut args = vec!["run", "--config", cfg.to_str().context("path")?];
         args.extend_from_slice(extra);
@@ -219,7 +228,9 @@ impl Lab {
 
     /// Sends `sig` to the node and waits for it to exit; returns its exit code.
     pub fn stop_node(&mut self, site: Site, sig: i32) -> Result<Option<i32>> {
-        let g = self.nodes[site as usize].take().context("node not running")?;
+        let g = self.nodes[site as usize]
+            .take()
+            .context("node not running")?;
         g.signal(sig);
         let status = g.wait_status()?;
         Ok(status.code())
@@ -227,7 +238,9 @@ impl Lab {
 
     /// Waits for the node to exit by itself; returns its exit code.
     pub fn wait_node(&mut self, site: Site) -> Result<Option<i32>> {
-        let g = self.nodes[site as usize].take().context("node not running")?;
+        let g = self.nodes[site as usize]
+            .take()
+            .context("node not running")?;
         let start = Instant::now();
         let mut g = g;
         while g.is_running() {
@@ -247,7 +260,10 @@ impl Lab {
             .arg(self.config(site))
             .output()?;
         if !out.status.success() {
-            bail!("status of {site:?}: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "status of {site:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }
@@ -279,11 +295,22 @@ impl Lab {
     /// The tails of every process's logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for name in ["witness.out", "witness.err", "node-a.out", "node-a.err", "node-b.out", "node-b.err"] {
+        for name in [
+            "witness.out",
+            "witness.err",
+            "node-a.out",
+            "node-a.err",
+            "node-b.out",
+            "node-b.err",
+        ] {
             let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(25)..];
-            out.push_str(&format!("--- {name} (last {} lines)\n{}\n", tail.len(), tail.join("\n")));
+            out.push_str(&format!(
+                "--- {name} (last {} lines)\n{}\n",
+                tail.len(),
+                tail.join("\n")
+            ));
         }
         out
     }
@@ -331,7 +358,11 @@ pub fn wait_until(what: &str, mut pred: impl FnMut() -> Result<bool>) -> Result<
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for g in self.nodes.iter_mut().chain(std::iter::once(&mut self.witness)) {
+        for g in self
+            .nodes
+            .iter_mut()
+            .chain(std::iter::once(&mut self.witness))
+        {
             drop(g.take());
         }
         let _ = self.script(&["down"]);
@@ -349,14 +380,13 @@ pub fn in_netns<T: Send + 'static>(
         let file = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
         // SAFETY: setns on an open namespace file descriptor; it changes only
         // this thread's network namespace, and the thread ends with `f`.
-        let rc = unsafe {
-            libc::setns(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::CLONE_NEWNET,
-            )
-        };
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
         if rc != 0 {
-            bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+            bail!(
+                "setns {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
         }
         f()
     })
@@ -449,7 +479,10 @@ fn parse_reply(b: &[u8]) -> Option<(String, usize)> {
             if b.len() < stop + 2 {
                 return None;
             }
-            Some((String::from_utf8_lossy(&b[start..stop]).into_owned(), stop + 2))
+            Some((
+                String::from_utf8_lossy(&b[start..stop]).into_owned(),
+                stop + 2,
+            ))
         }
         _ => Some((line, end + 2)),
     }

@@ -46,20 +46,51 @@ fn pair_replicates_ftkv_under_load_and_stops_with_identical_disks() {
     for s in [Site::A, Site::B] {
         let p = lab.config(s);
         let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(&p, format!("{text}\n[replay]\ndigest_interval = 512\nfull_digest_every = 4\n"))
-            .unwrap();
+        std::fs::write(
+            &p,
+            format!("{text}\n[replay]\ndigest_interval = 512\nfull_digest_every = 4\n"),
+        )
+        .unwrap();
     }
     lab.start_pair().unwrap();
     assert_eq!(lab.cli(&["SET", "greeting", "hello"]).unwrap(), "OK");
     let bench = lab
         .command("c", "redis-benchmark")
-        .args(["-h", "10.0.2.15", "-n", "20000", "-c", "20", "-t", "set,get,incr", "-r", "10000", "-q"])
+        .args([
+            "-h",
+            "10.0.2.15",
+            "-n",
+            "20000",
+            "-c",
+            "20",
+            "-t",
+            "set,get,incr",
+            "-r",
+            "10000",
+            "-q",
+        ])
         .output()
         .unwrap();
-    assert!(bench.status.success(), "{}", String::from_utf8_lossy(&bench.stderr));
+    assert!(
+        bench.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
     let bench = lab
         .command("c", "redis-benchmark")
-        .args(["-h", "10.0.2.15", "-n", "20000", "-c", "20", "-P", "16", "-t", "set,mset", "-q"])
+        .args([
+            "-h",
+            "10.0.2.15",
+            "-n",
+            "20000",
+            "-c",
+            "20",
+            "-P",
+            "16",
+            "-t",
+            "set,mset",
+            "-q",
+        ])
         .output()
         .unwrap();
     assert!(bench.status.success());
@@ -82,7 +113,9 @@ fn pair_replicates_ftkv_under_load_and_stops_with_identical_disks() {
     assert_eq!(lab.wait_node(Site::B).unwrap(), Some(0));
     let (a_out, _) = lab.node_output(Site::A);
     let (b_out, b_err) = lab.node_output(Site::B);
-    let rec = line(&a_out, "record:").expect("primary summary").replace("record:", "");
+    let rec = line(&a_out, "record:")
+        .expect("primary summary")
+        .replace("record:", "");
     let rep = line(&b_out, "replay: OK").unwrap_or_else(|| panic!("{b_out}{b_err}"));
     assert_eq!(rep.replace("replay: OK", ""), rec);
     assert_eq!(line(&a_out, "disk:"), line(&b_out, "disk:"));
@@ -150,8 +183,12 @@ fn a_corrupted_log_frame_ends_the_connection_and_is_never_replayed() {
     }
     let mut lab = Lab::up(0).unwrap();
     lab.start_witness().unwrap();
-    lab.start_node_env(Site::A, &["--primary"], &[("FTVM_TEST_CORRUPT_LOG_FRAME", "20")])
-        .unwrap();
+    lab.start_node_env(
+        Site::A,
+        &["--primary"],
+        &[("FTVM_TEST_CORRUPT_LOG_FRAME", "20")],
+    )
+    .unwrap();
     lab.start_node(Site::B, &[]).unwrap();
     lab.wait_for_ping().unwrap();
     for i in 0..200 {
@@ -161,7 +198,9 @@ fn a_corrupted_log_frame_ends_the_connection_and_is_never_replayed() {
     assert!(b_err.contains("bad frame from the primary"), "{b_err}");
     assert!(b_err.contains("checksum"), "{b_err}");
     let b = lab
-        .wait_status(Site::B, "a second session", |v| v["peer"]["sessions"].as_u64() >= Some(2))
+        .wait_status(Site::B, "a second session", |v| {
+            v["peer"]["sessions"].as_u64() >= Some(2)
+        })
         .unwrap();
     assert!(b["divergence"].is_null(), "{b}");
     // Nothing of the bad frame was replayed: the pair ends identical.
@@ -180,7 +219,8 @@ fn a_corrupted_log_frame_ends_the_connection_and_is_never_replayed() {
 fn refused(lab: &mut Lab, case: &str, want: &str, change: impl FnOnce(&Lab)) {
     let orig = std::fs::read_to_string(lab.config(Site::B)).unwrap();
     change(lab);
-    lab.set_ft(Site::B, "state_dir", &format!("\"state-{case}\"")).unwrap();
+    lab.set_ft(Site::B, "state_dir", &format!("\"state-{case}\""))
+        .unwrap();
     lab.start_node(Site::B, &[]).unwrap();
     let code = lab.wait_node(Site::B).unwrap();
     let (_, b_err) = lab.node_output(Site::B);
@@ -220,7 +260,11 @@ fn refused_pairings_say_why_on_both_sides() {
     refused(&mut lab, "disk", "the disks differ", |lab| {
         let p = lab.config(Site::B);
         let t = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(&p, t.replace("path = \"node-b.img\"", "path = \"other.img\"")).unwrap();
+        std::fs::write(
+            &p,
+            t.replace("path = \"node-b.img\"", "path = \"other.img\""),
+        )
+        .unwrap();
     });
 
     // A different guest image (one byte more).
@@ -230,7 +274,11 @@ fn refused_pairings_say_why_on_both_sides() {
     refused(&mut lab, "image", "guest image", |lab| {
         let p = lab.config(Site::B);
         let t = std::fs::read_to_string(&p).unwrap();
-        let image = t.lines().find(|l| l.starts_with("image = ")).unwrap().to_string();
+        let image = t
+            .lines()
+            .find(|l| l.starts_with("image = "))
+            .unwrap()
+            .to_string();
         std::fs::write(&p, t.replace(&image, "image = \"other-ftkv\"")).unwrap();
     });
 
@@ -240,16 +288,35 @@ fn refused_pairings_say_why_on_both_sides() {
     });
 
     // A certificate that names another node than the config says.
-    ftvm(&["certs", "issue", "--dir", dir.join("pki").to_str().unwrap(), "--node", "node-c"]);
-    refused(&mut lab, "name", "certificate names node \"node-c\"", |lab| {
-        lab.set_ft(Site::B, "cert", "\"pki/node-c.pem\"").unwrap();
-        lab.set_ft(Site::B, "key", "\"pki/node-c.key\"").unwrap();
-    });
+    ftvm(&[
+        "certs",
+        "issue",
+        "--dir",
+        dir.join("pki").to_str().unwrap(),
+        "--node",
+        "node-c",
+    ]);
+    refused(
+        &mut lab,
+        "name",
+        "certificate names node \"node-c\"",
+        |lab| {
+            lab.set_ft(Site::B, "cert", "\"pki/node-c.pem\"").unwrap();
+            lab.set_ft(Site::B, "key", "\"pki/node-c.key\"").unwrap();
+        },
+    );
 
     // A certificate from another CA: the TLS handshake fails on both sides.
     let pki2 = dir.join("pki2");
     ftvm(&["certs", "init", "--dir", pki2.to_str().unwrap()]);
-    ftvm(&["certs", "issue", "--dir", pki2.to_str().unwrap(), "--node", "node-b"]);
+    ftvm(&[
+        "certs",
+        "issue",
+        "--dir",
+        pki2.to_str().unwrap(),
+        "--node",
+        "node-b",
+    ]);
     let orig = std::fs::read_to_string(lab.config(Site::B)).unwrap();
     lab.set_ft(Site::B, "ca", "\"pki2/ca.pem\"").unwrap();
     lab.set_ft(Site::B, "cert", "\"pki2/node-b.pem\"").unwrap();
@@ -298,7 +365,13 @@ fn future_hello(lab: &Lab) -> anyhow::Result<String> {
             };
             let cfg = quic::client_config(&tls, &[ALPN_LOG], &QuicOptions::default())?;
             let ep = quic::client_endpoint("0.0.0.0:0".parse()?, cfg)?;
-            let conn = quic::connect(&ep, "10.77.2.1:7401".parse()?, "node-a", Duration::from_secs(30)).await?;
+            let conn = quic::connect(
+                &ep,
+                "10.77.2.1:7401".parse()?,
+                "node-a",
+                Duration::from_secs(30),
+            )
+            .await?;
             let (mut send, mut recv) = conn.open_bi().await?;
             let hello = Control::Hello(Hello {
                 cluster: "lab".into(),
@@ -318,7 +391,8 @@ fn future_hello(lab: &Lab) -> anyhow::Result<String> {
                 position: Position { received: 0 },
             });
             let payload = proto::encode_as(99, &hello)?;
-            ftvm_transport::frame::write_frame_async(&mut send, FRAME_CONTROL, &payload, 65536).await?;
+            ftvm_transport::frame::write_frame_async(&mut send, FRAME_CONTROL, &payload, 65536)
+                .await?;
             let f = ftvm_transport::frame::read_frame_async(&mut recv, 65536)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("no answer"))?;
@@ -328,4 +402,127 @@ fn future_hello(lab: &Lab) -> anyhow::Result<String> {
             }
         })
     })
+}
+
+/// Fills site A's disk with an ftkv log of about `mib` MiB (ftkv alone, no
+/// pair), then gives site B a copy: both sites boot from a large log, a
+/// read-heavy start.
+fn fill_disks(lab: &Lab, mib: u64) {
+    let solo = lab.dir.join("solo-a.toml");
+    let cfg = std::fs::read_to_string(lab.config(Site::A)).unwrap();
+    let machine_part = cfg.split("\n[ft]").next().unwrap();
+    std::fs::write(&solo, machine_part).unwrap();
+    let vm = site::Guard::spawn(
+        lab.command("a", ftvm_tests::bin("ftvm"))
+            .args(["run", "--config", solo.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
+    lab.wait_for_ping().unwrap();
+    let n = (mib << 20) / 1000;
+    let out = lab
+        .command("c", "redis-benchmark")
+        .args([
+            "-h",
+            "10.0.2.15",
+            "-t",
+            "set",
+            "-d",
+            "1000",
+            "-r",
+            "100000000",
+            "-c",
+            "20",
+            "-P",
+            "8",
+            "-q",
+        ])
+        .args(["-n", &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    vm.signal(libc::SIGTERM);
+    assert!(vm.wait_status().unwrap().success());
+    std::fs::copy(lab.dir.join("node-a.img"), lab.dir.join("node-b.img")).unwrap();
+}
+
+#[test]
+fn backup_reads_replicate_a_read_heavy_boot_and_catch_a_corrupt_backup_disk() {
+    if !ready("backup_reads_replicate_a_read_heavy_boot_and_catch_a_corrupt_backup_disk") {
+        return;
+    }
+    let mut lab = Lab::up(0).unwrap();
+    fill_disks(&lab, 16);
+    let keep = tempfile::tempdir().unwrap();
+    let pristine = keep.path().join("filled.img");
+    std::fs::copy(lab.dir.join("node-a.img"), &pristine).unwrap();
+    for s in [Site::A, Site::B] {
+        lab.set_ft(s, "disk_reads", "\"backup-reads\"").unwrap();
+    }
+    // A read-heavy start (ftkv reads its 16 MiB log at boot) replicates.
+    lab.start_pair().unwrap();
+    let keys: u64 = lab.cli(&["DBSIZE"]).unwrap().parse().unwrap();
+    assert!(keys > 10_000, "{keys} keys after boot");
+    let a = lab.status(Site::A).unwrap();
+    let log_bytes = a["log"]["bytes"].as_u64().unwrap();
+    assert!(
+        log_bytes < 4 << 20,
+        "with backup-reads the 16 MiB read at boot put {log_bytes} bytes in the log"
+    );
+    let b = lab
+        .wait_status(Site::B, "replay to catch up", |v| {
+            v["replay"]["replayed_index"] == v["replay"]["received_index"]
+        })
+        .unwrap();
+    assert!(b["divergence"].is_null(), "{b}");
+    assert_eq!(lab.stop_node(Site::A, libc::SIGTERM).unwrap(), Some(0));
+    assert_eq!(lab.wait_node(Site::B).unwrap(), Some(0));
+    drop(lab);
+
+    // Same again, but the backup's disk rots after it opened it: the first
+    // read of that chunk is a divergence naming the sectors.
+    let mut lab = Lab::up(0).unwrap();
+    for s in [Site::A, Site::B] {
+        std::fs::copy(&pristine, lab.dir.join(format!("node-{}.img", s.letter()))).unwrap();
+        lab.set_ft(s, "disk_reads", "\"backup-reads\"").unwrap();
+    }
+    lab.start_witness().unwrap();
+    lab.start_node(Site::B, &[]).unwrap();
+    wait_until("the backup to open its disk and dial", || {
+        Ok(lab.node_output(Site::B).1.contains("dialling the primary"))
+    })
+    .unwrap();
+    let offset = 3 << 20; // inside the ftkv log, which starts at byte 512
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(lab.dir.join("node-b.img"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, &[0xA5; 512], offset).unwrap();
+    drop(f);
+    lab.start_node(Site::A, &["--primary"]).unwrap();
+    let b = lab
+        .wait_status(Site::B, "a divergence", |v| !v["divergence"].is_null())
+        .unwrap();
+    let what = b["divergence"]["what"].as_str().unwrap();
+    assert!(what.contains("disk read of sectors"), "{what}");
+    // The reported byte range covers the rotten sector.
+    let range = what.split("(bytes ").nth(1).unwrap();
+    let (from, to) = range.split_once("..").unwrap();
+    let from: u64 = from.parse().unwrap();
+    let to: u64 = to.split(')').next().unwrap().parse().unwrap();
+    assert!(from <= offset && offset < to, "{what}");
+    assert_eq!(b["role"], "fenced", "{b}");
+    let a = lab
+        .wait_status(Site::A, "replication stopped", |v| {
+            !v["replication_stopped"].is_null()
+        })
+        .unwrap();
+    assert!(
+        a["replication_stopped"]
+            .as_str()
+            .unwrap()
+            .contains("diverged"),
+        "{a}"
+    );
 }

@@ -20,6 +20,13 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What an operator can ask a running node to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminCommand {
+    /// Go live now, without the witness (`ftvm go-live --force`).
+    ForceGoLive,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error("admin endpoint {addr} (key `ft.admin`): cannot listen: {source}")]
@@ -45,6 +52,7 @@ pub async fn start(
     let app = Router::new()
         .route("/status", route_get(status))
         .route("/metrics", route_get(metrics))
+        .route("/go-live", axum::routing::post(force_go_live))
         .with_state(sources.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -64,6 +72,26 @@ pub async fn start(
 
 async fn status(State(s): State<Arc<StatusSources>>) -> impl IntoResponse {
     axum::Json(s.report())
+}
+
+/// `POST /go-live?force=yes`: only with the explicit query, so nothing
+/// reaches it by accident.
+async fn force_go_live(
+    State(s): State<Arc<StatusSources>>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> impl IntoResponse {
+    if q.as_deref() != Some("force=yes") {
+        return (
+            StatusCode::BAD_REQUEST,
+            "go-live without the witness needs ?force=yes\n".to_string(),
+        );
+    }
+    let answer = tokio::task::spawn_blocking(move || s.command(AdminCommand::ForceGoLive)).await;
+    match answer {
+        Ok(Ok(text)) => (StatusCode::OK, format!("{text}\n")),
+        Ok(Err(text)) => (StatusCode::CONFLICT, format!("{text}\n")),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
 }
 
 async fn metrics(State(s): State<Arc<StatusSources>>) -> impl IntoResponse {
@@ -218,12 +246,21 @@ pub fn render_metrics(s: &StatusReport) -> Result<String, std::fmt::Error> {
 
 /// GETs `path` from an admin endpoint; returns the body of a 200 answer.
 pub fn get(addr: SocketAddr, path: &str) -> Result<String, AdminError> {
+    request(addr, "GET", path)
+}
+
+/// Sends `method path` to an admin endpoint; returns the body of a 200 answer.
+pub fn request(addr: SocketAddr, method: &str, path: &str) -> Result<String, AdminError> {
     let err = |message: String| AdminError::Request { addr, message };
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| err(format!("cannot connect (is the node running?): {e}")))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| err(e.to_string()))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| err(e.to_string()))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .map_err(|e| err(e.to_string()))?;
     let mut raw = Vec::new();
     s.take(16 << 20)
         .read_to_end(&mut raw)
@@ -234,7 +271,7 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<String, AdminError> {
         .ok_or_else(|| err("malformed HTTP answer".into()))?;
     let status = head.lines().next().unwrap_or_default();
     if !status.contains(" 200 ") {
-        return Err(err(format!("answered {status:?}")));
+        return Err(err(format!("answered {status:?}: {}", body.trim())));
     }
     Ok(body.to_string())
 }

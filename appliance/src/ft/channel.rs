@@ -228,9 +228,14 @@ pub struct PrimaryChannel {
     pub queue: Arc<LogQueue>,
     /// `None` for a machine without a network card: no output to hold.
     pub gate: Option<OutputGate>,
-    pub header: crate::replay::log::LogHeader,
+    /// Where this primary's log starts, when a backup can follow it from
+    /// power-on; `None` after a go-live (a backup must join through
+    /// re-protection).
+    pub header: Option<crate::replay::log::LogHeader>,
     pub role: RoleCell,
     pub link: Arc<LinkState>,
+    /// False while this node claims an epoch after declaring its backup failed.
+    accepting: AtomicBool,
     session: Mutex<Option<Attached>>,
     next_session: AtomicU64,
     corrupt_frame: Option<u64>,
@@ -249,7 +254,7 @@ impl PrimaryChannel {
         settings: ChannelSettings,
         queue: Arc<LogQueue>,
         gate: Option<OutputGate>,
-        header: crate::replay::log::LogHeader,
+        header: Option<crate::replay::log::LogHeader>,
         role: RoleCell,
         link: Arc<LinkState>,
     ) -> Arc<Self> {
@@ -269,6 +274,7 @@ impl PrimaryChannel {
             header,
             role,
             link,
+            accepting: AtomicBool::new(true),
             session: Mutex::new(None),
             next_session: AtomicU64::new(1),
             corrupt_frame,
@@ -281,6 +287,19 @@ impl PrimaryChannel {
             let me = self.clone();
             tokio::spawn(async move { me.handle(incoming).await });
         }
+    }
+
+    /// Whether a backup is attached to this primary now.
+    pub fn attached(&self) -> bool {
+        self.session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Whether new backups are let in.
+    pub fn set_accepting(&self, on: bool) {
+        self.accepting.store(on, Ordering::Relaxed);
     }
 
     /// Closes the backup's connection, if any.
@@ -367,18 +386,24 @@ impl PrimaryChannel {
                 role.role.name()
             ));
         }
+        if !self.accepting.load(Ordering::Relaxed) {
+            return Err(
+                "this primary declared its backup failed and is asking the witness for the next epoch"
+                    .into(),
+            );
+        }
         if let Some(why) = self.link.replication_stopped() {
             return Err(format!(
                 "replication to this backup stopped ({why}); it must rejoin with a full copy"
             ));
         }
-        check_hello(
-            &self.settings.me,
-            cert_name,
-            hello,
-            role.epoch,
-            &self.header,
-        )?;
+        let Some(header) = &self.header else {
+            return Err(format!(
+                "this node went live in epoch {}; its log does not start from power-on, so a backup must join through re-protection",
+                role.epoch
+            ));
+        };
+        check_hello(&self.settings.me, cert_name, hello, role.epoch, header)?;
         self.queue
             .resume_from(hello.position.received)
             .map_err(|e| e.to_string())
@@ -394,10 +419,13 @@ impl PrimaryChannel {
     ) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let epoch = self.queue.epoch();
+        let Some(header) = self.header.clone() else {
+            return;
+        };
         let welcome = Welcome {
             node: self.settings.me.node.clone(),
             epoch,
-            header: self.header.clone(),
+            header,
             resume_from,
         };
         if let Err(e) = send_control(&mut send, &Control::Welcome(welcome)).await {

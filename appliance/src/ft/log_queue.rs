@@ -51,7 +51,12 @@ pub enum Retention {
     /// Keep every entry until the backup acks it (a backup is attached or
     /// expected).
     ForBackup,
-    /// No backup: entries are counted and dropped (a solo primary).
+    /// No backup is needed to release outputs (a solo primary): entries
+    /// are kept while there is room, so a backup that comes back soon can
+    /// resume, and the oldest are dropped when the buffer is full. The vCPU
+    /// never waits.
+    BestEffort,
+    /// Entries are counted and dropped.
     Discard,
 }
 
@@ -164,7 +169,7 @@ impl LogQueue {
         s.open_since = None;
         s.urgent = false;
         match s.retention {
-            Retention::ForBackup => s.sealed.push_back(batch),
+            Retention::ForBackup | Retention::BestEffort => s.sealed.push_back(batch),
             Retention::Discard => s.bytes = s.bytes.saturating_sub(batch.entries.len()),
         }
     }
@@ -176,6 +181,14 @@ impl LogQueue {
         if s.open_count > 0 && !batch_has_room(s.open.len(), encoded.len()) {
             Self::seal(&mut s);
             self.data.notify_one();
+        }
+        if s.retention == Retention::BestEffort {
+            while s.bytes + encoded.len() > s.capacity {
+                let Some(old) = s.sealed.pop_front() else {
+                    break;
+                };
+                s.bytes = s.bytes.saturating_sub(old.entries.len());
+            }
         }
         let mut waited: Option<Instant> = None;
         while s.retention == Retention::ForBackup
@@ -315,6 +328,11 @@ impl LogQueue {
             self.stats.backup_reporting.store(false, Ordering::Relaxed);
         }
         self.room.notify_all();
+    }
+
+    /// The epoch this node now holds: batches sent from here on carry it.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
     }
 
     /// A stop is under way: appends no longer wait for room or pace.

@@ -9,6 +9,8 @@
 //! | [`log_queue`] | the primary's bounded log buffer, batching, flow control and lag pacing |
 //! | [`replay_queue`] | the backup's bounded receive buffer; whole exits only |
 //! | [`output_gate`] | the output rule |
+//! | [`failure_detector`] | when a silent peer is declared failed |
+//! | [`go_live`] | a backup's switch from replay to the live world |
 //! | [`witness`] | claiming epochs: no answer is never a grant |
 //! | [`node_state`] | the durable epoch, role and fence |
 //! | [`status`] | what `/status` and `/metrics` report |
@@ -20,6 +22,8 @@
 //! world's `FrameOutput`).
 
 pub mod channel;
+pub mod failure_detector;
+pub mod go_live;
 pub mod log_queue;
 pub mod node;
 pub mod node_state;

@@ -37,6 +37,8 @@ struct ReplayState {
     bytes: usize,
     capacity: usize,
     end: End,
+    /// When the last batch arrived.
+    last_arrival: Option<std::time::Instant>,
 }
 
 /// Where replay stands, for status and for the primary's lag control.
@@ -90,6 +92,7 @@ impl ReplayQueue {
                 bytes: 0,
                 capacity,
                 end: End::Open,
+                last_arrival: None,
             }),
             arrived: Condvar::new(),
             room: tokio::sync::Notify::new(),
@@ -104,6 +107,11 @@ impl ReplayQueue {
     /// Index of the last entry received.
     pub fn received(&self) -> u64 {
         self.lock().received
+    }
+
+    /// When the last batch arrived (the primary's last words).
+    pub fn last_arrival(&self) -> Option<std::time::Instant> {
+        self.lock().last_arrival
     }
 
     /// (bytes buffered, capacity)
@@ -142,6 +150,7 @@ impl ReplayQueue {
                 missing: s.received + 1,
             });
         }
+        s.last_arrival = Some(std::time::Instant::now());
         let per_entry = frame_bytes / entries.len().max(1);
         for (k, e) in entries.into_iter().enumerate() {
             let index = first_index + k as u64;

@@ -211,6 +211,11 @@ impl RoleCell {
         self.lock().role
     }
 
+    /// [`RoleCell::apply`] where a refusal needs no handling (it is logged).
+    pub fn apply_quiet(&self, event: Event) {
+        let _ = self.apply(event);
+    }
+
     /// Applies `event`: the new role, or a refusal that changes nothing.
     /// Events that carry an epoch move the recorded epoch forward.
     pub fn apply(&self, event: Event) -> Result<Role, TransitionRefused> {

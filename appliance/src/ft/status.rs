@@ -13,6 +13,26 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// Carries an operator's command (from the admin endpoint) to the node.
+pub type CommandHandler =
+    Box<dyn Fn(crate::admin::AdminCommand) -> Result<String, String> + Send + Sync>;
+
+/// The witness's answer to a status poll: (epoch, holder), or why none came.
+pub type WitnessAnswer = Result<(u64, Option<String>), String>;
+
+/// How the last go-live went (DESIGN.md 6), for the operator.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct FailoverReport {
+    pub live_at_exit: Option<u64>,
+    pub detection_to_grant_ms: Option<f64>,
+    pub detection_to_live_ms: Option<f64>,
+    /// From the last log batch received from the old primary to the first
+    /// frame this node's guest sent live.
+    pub last_entry_to_first_frame_ms: Option<f64>,
+    /// Frames that reached the silent TAP before go-live, dropped.
+    pub dropped_rx_frames: usize,
+}
+
 /// A divergence found by replay.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Divergence {
@@ -22,7 +42,6 @@ pub struct Divergence {
 
 /// The parts a node's status is read from. A part a role does not have
 /// (a backup's log queue) is `None`; going live installs the live parts.
-#[derive(Debug)]
 pub struct StatusSources {
     pub node: String,
     pub cluster: String,
@@ -34,6 +53,9 @@ pub struct StatusSources {
     pub gate: Mutex<Option<OutputGate>>,
     pub replay: Mutex<Option<Arc<ReplayQueue>>>,
     pub divergence: Mutex<Option<Divergence>>,
+    failover: Mutex<Option<Arc<super::go_live::GoLive>>>,
+    witness: Mutex<Option<(Instant, WitnessAnswer)>>,
+    commands: Mutex<Option<CommandHandler>>,
     /// Per-second rates, refreshed by [`StatusSources::sample`].
     rates: Mutex<Rates>,
     started: Instant,
@@ -113,11 +135,33 @@ pub struct StatusReport {
     pub disk_reads: &'static str,
     pub divergence: Option<Divergence>,
     pub replication_stopped: Option<String>,
+    pub failover: Option<FailoverReport>,
+    pub witness: Option<WitnessReport>,
     pub uptime_s: f64,
+}
+
+/// The witness as this node sees it (a status poll every second).
+#[derive(Debug, Serialize)]
+pub struct WitnessReport {
+    pub reachable: bool,
+    /// The cluster's epoch and its holder, as the witness last said.
+    pub epoch: Option<u64>,
+    pub holder: Option<String>,
+    pub error: Option<String>,
+    pub checked_ms_ago: u64,
 }
 
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
+}
+
+impl std::fmt::Debug for StatusSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusSources")
+            .field("node", &self.node)
+            .field("role", &self.role)
+            .finish()
+    }
 }
 
 impl StatusSources {
@@ -140,6 +184,9 @@ impl StatusSources {
             gate: Mutex::new(None),
             replay: Mutex::new(None),
             divergence: Mutex::new(None),
+            failover: Mutex::new(None),
+            witness: Mutex::new(None),
+            commands: Mutex::new(None),
             rates: Mutex::new(Rates::default()),
             started: Instant::now(),
         })
@@ -158,6 +205,27 @@ impl StatusSources {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    pub fn set_commands(&self, h: CommandHandler) {
+        *self.commands.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+    }
+
+    /// Hands an operator's command to the node; its answer.
+    pub fn command(&self, cmd: crate::admin::AdminCommand) -> Result<String, String> {
+        match &*self.commands.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(h) => h(cmd),
+            None => Err("this node takes no commands".into()),
+        }
+    }
+
+    /// The witness's last answer to a status poll (or why none came).
+    pub fn note_witness(&self, answer: WitnessAnswer) {
+        *self.witness.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), answer));
+    }
+
+    pub fn set_failover(&self, g: Arc<super::go_live::GoLive>) {
+        *self.failover.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
     }
 
     pub fn set_divergence(&self, d: Divergence) {
@@ -278,6 +346,24 @@ impl StatusSources {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             replication_stopped,
+            failover: self
+                .failover
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_deref()
+                .map(FailoverReport::from),
+            witness: self
+                .witness
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|(at, a)| WitnessReport {
+                    reachable: a.is_ok(),
+                    epoch: a.as_ref().ok().map(|(e, _)| *e),
+                    holder: a.as_ref().ok().and_then(|(_, h)| h.clone()),
+                    error: a.as_ref().err().cloned(),
+                    checked_ms_ago: at.elapsed().as_millis() as u64,
+                }),
             uptime_s: self.started.elapsed().as_secs_f64(),
         }
     }
@@ -370,6 +456,24 @@ pub fn render_text(v: &serde_json::Value) -> String {
             n("/held_outputs/dropped"),
             n("/held_outputs/max_hold_ms")
         );
+    }
+    match v.pointer("/witness").filter(|x| !x.is_null()) {
+        Some(w) if w["reachable"] == true => {
+            let _ = writeln!(
+                out,
+                "  witness: reachable; cluster epoch {} held by {}",
+                w["epoch"],
+                w["holder"].as_str().unwrap_or("nobody")
+            );
+        }
+        Some(w) => {
+            let _ = writeln!(
+                out,
+                "  witness: NOT reachable ({})",
+                w["error"].as_str().unwrap_or("?")
+            );
+        }
+        None => {}
     }
     let _ = writeln!(out, "  disk reads: {}", s("/disk_reads"));
     match v.pointer("/divergence").filter(|x| !x.is_null()) {

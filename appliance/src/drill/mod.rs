@@ -1,0 +1,601 @@
+//! `ftvm drill`: rehearse a failure against a running pair (DESIGN.md 10).
+//!
+//! A drill reads a targets file (`drill.toml`: the service address, and the
+//! commands that start, kill and query each site, the witness and the WAN;
+//! `scripts/lab.sh up` writes one for the lab, Ansible one for a
+//! deployment), makes sure the pair is healthy, starts a write load of real
+//! Redis clients on long-lived connections, injects the scenario's fault,
+//! watches which site ends live, and checks what the clients saw: every
+//! acknowledged write present, the histories linearizable, no connection
+//! broken, and (from a capture on the client LAN) no moment with two live
+//! sites. Each run writes a JSON report and a readable summary.
+
+pub mod capture;
+pub mod linearizable;
+pub mod load;
+pub mod report;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Moves the calling thread into network namespace `name` (its sockets are
+/// then that namespace's).
+pub fn enter_netns(name: &str) -> std::io::Result<()> {
+    let path = Path::new("/run/netns").join(name);
+    let f = std::fs::File::open(&path)?;
+    // SAFETY: setns on an open namespace fd; it changes only this thread.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A command line in a targets file.
+pub type Cmd = Vec<String>;
+
+/// One site of the pair, as the drill drives it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteTargets {
+    pub name: String,
+    /// Prints the node's `/status` JSON.
+    pub status: Cmd,
+    pub start_primary: Cmd,
+    pub start_backup: Cmd,
+    pub kill: Cmd,
+}
+
+/// Where to watch for frames from each site's guest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureTargets {
+    pub netns: String,
+    pub a: String,
+    pub b: String,
+}
+
+/// The targets file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    pub service: String,
+    #[serde(default)]
+    pub client_netns: Option<String>,
+    pub guest_mac: String,
+    #[serde(default)]
+    pub wan_delay_ms: u64,
+    pub failure_timeout_ms: u64,
+    /// Stops everything and prepares a fresh pair from one site's disk (the
+    /// drill appends `--from a|b`).
+    pub reset: Cmd,
+    pub start_witness: Cmd,
+    pub kill_witness: Cmd,
+    pub partition_sites: Cmd,
+    pub heal_sites: Cmd,
+    pub isolate_a: Cmd,
+    pub isolate_b: Cmd,
+    pub heal_all: Cmd,
+    #[serde(default)]
+    pub capture: Option<CaptureTargets>,
+    pub site: HashMap<String, SiteTargets>,
+}
+
+impl Targets {
+    pub fn load(path: &Path) -> Result<Targets> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let t: Targets = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        for s in ["a", "b"] {
+            if !t.site.contains_key(s) {
+                bail!("{}: no [site.{s}] table", path.display());
+            }
+        }
+        Ok(t)
+    }
+
+    fn site(&self, s: Side) -> &SiteTargets {
+        &self.site[s.key()]
+    }
+
+    fn mac(&self) -> Result<[u8; 6]> {
+        ftvm_config::appliance::parse_mac(&self.guest_mac)
+            .with_context(|| format!("guest_mac {:?} is not a MAC address", self.guest_mac))
+    }
+}
+
+/// Runs a targets command; its stdout.
+pub fn run_cmd(cmd: &[String], extra: &[&str]) -> Result<String> {
+    let (prog, args) = cmd
+        .split_first()
+        .context("empty command in the targets file")?;
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .args(extra)
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} {extra:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One of the two sites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    A,
+    B,
+}
+
+impl Side {
+    pub fn key(self) -> &'static str {
+        match self {
+            Side::A => "a",
+            Side::B => "b",
+        }
+    }
+    pub fn other(self) -> Side {
+        match self {
+            Side::A => Side::B,
+            Side::B => Side::A,
+        }
+    }
+}
+
+/// The drills `ftvm drill` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    KillPrimary,
+    KillBackup,
+    PartitionSites,
+    IsolatePrimary,
+    KillWitness,
+    PartitionAndWitnessDown,
+    Hiccup,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::KillPrimary => "kill-primary",
+            Scenario::KillBackup => "kill-backup",
+            Scenario::PartitionSites => "partition-sites",
+            Scenario::IsolatePrimary => "isolate-primary",
+            Scenario::KillWitness => "kill-witness",
+            Scenario::PartitionAndWitnessDown => "partition-and-witness-down",
+            Scenario::Hiccup => "hiccup",
+        }
+    }
+}
+
+/// A node's status, or why it could not be read (a dead node).
+fn status(t: &Targets, s: Side) -> Option<serde_json::Value> {
+    run_cmd(&t.site(s).status, &[])
+        .ok()
+        .and_then(|o| serde_json::from_str(&o).ok())
+}
+
+fn role(v: &Option<serde_json::Value>) -> String {
+    v.as_ref()
+        .and_then(|v| v["role"].as_str())
+        .unwrap_or("down")
+        .to_string()
+}
+
+fn is_live(r: &str) -> bool {
+    r == "primary" || r == "solo"
+}
+
+/// Polls until `pred(role a, role b)` holds; returns when it was seen.
+fn wait_roles(
+    t: &Targets,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&str, &str) -> bool,
+) -> Result<Instant> {
+    let start = Instant::now();
+    loop {
+        let (a, b) = (role(&status(t, Side::A)), role(&status(t, Side::B)));
+        if pred(&a, &b) {
+            return Ok(Instant::now());
+        }
+        if start.elapsed() > limit {
+            bail!("waited {limit:?} for {what}; roles now: a={a} b={b}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Options of one drill run.
+#[derive(Debug, Clone)]
+pub struct DrillOptions {
+    pub scenario: Scenario,
+    pub repeat: u32,
+    pub seed: u64,
+    pub clients: usize,
+    pub out: PathBuf,
+    /// Load after the fault was handled, before the checks.
+    pub settle: Duration,
+}
+
+/// What one iteration found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Iteration {
+    pub scenario: &'static str,
+    pub iteration: u32,
+    pub seed: u64,
+    pub wan_delay_ms: u64,
+    pub primary_before: Side,
+    pub live_after: Option<Side>,
+    pub expected_live_after: Side,
+    /// Fault to the first reply to a request sent after the fault.
+    pub first_reply_after_fault_ms: Option<f64>,
+    /// Fault to the new live site's role change (from its status).
+    pub fault_to_live_ms: Option<f64>,
+    pub failover: Option<serde_json::Value>,
+    pub writes_acknowledged: u64,
+    pub writes_lost: u64,
+    pub reads: u64,
+    pub linearizable: String,
+    pub connections_broken: u64,
+    pub two_live_moments: Option<u64>,
+    pub restarted_node_fenced: Option<bool>,
+    pub nobody_live_while_witness_down: Option<bool>,
+    /// Every request: (seconds since the fault, latency ms, answered).
+    #[serde(skip)]
+    pub latencies: Vec<(f64, f64, bool)>,
+    pub passed: bool,
+    pub problems: Vec<String>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Makes sure a healthy pair runs (a fresh one from `disk_from`'s disk if
+/// not); returns the primary's side.
+fn ensure_pair(t: &Targets, disk_from: Side) -> Result<Side> {
+    let (a, b) = (role(&status(t, Side::A)), role(&status(t, Side::B)));
+    let healthy = |p: &str, q: &str| p == "primary" && q == "backup";
+    if healthy(&a, &b) {
+        return Ok(Side::A);
+    }
+    if healthy(&b, &a) {
+        return Ok(Side::B);
+    }
+    tracing::info!(a = %a, b = %b, from = disk_from.key(), "starting a fresh pair for the drill");
+    run_cmd(&t.reset, &["--from", disk_from.key()])?;
+    run_cmd(&t.start_witness, &[])?;
+    std::thread::sleep(Duration::from_millis(500));
+    run_cmd(&t.site(disk_from).start_primary, &[])?;
+    run_cmd(&t.site(disk_from.other()).start_backup, &[])?;
+    let want = disk_from;
+    wait_roles(
+        t,
+        "a healthy pair",
+        Duration::from_secs(180),
+        |a, b| match want {
+            Side::A => healthy(a, b),
+            Side::B => healthy(b, a),
+        },
+    )?;
+    Ok(want)
+}
+
+/// Runs the drill: `repeat` iterations; each one's report is written to
+/// `out` as it ends. Returns every iteration.
+pub fn run(t: &Targets, o: &DrillOptions) -> Result<Vec<Iteration>> {
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let mut all = Vec::new();
+    let mut disk_from = Side::A;
+    for i in 1..=o.repeat {
+        let seed = o.seed.wrapping_add(u64::from(i));
+        let primary = ensure_pair(t, disk_from)?;
+        let it = iteration(t, o, i, seed, primary)?;
+        tracing::info!(
+            iteration = i,
+            passed = it.passed,
+            live_after = ?it.live_after,
+            first_reply_ms = ?it.first_reply_after_fault_ms,
+            lost = it.writes_lost,
+            "drill iteration done"
+        );
+        disk_from = it.live_after.unwrap_or(primary);
+        report::write_iteration(&o.out, &it)?;
+        all.push(it);
+    }
+    report::write_summary(&o.out, &all)?;
+    Ok(all)
+}
+
+fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) -> Result<Iteration> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let backup = primary.other();
+    let timeout = Duration::from_millis(t.failure_timeout_ms);
+    let limit = Duration::from_secs(120) + timeout * 10;
+    let capture = match &t.capture {
+        Some(c) => Some(capture::Capture::start(
+            &c.netns,
+            &[c.a.clone(), c.b.clone()],
+            t.mac()?,
+        )?),
+        None => None,
+    };
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let prefix = format!("drill:{run_id:x}:{i}");
+    let load = load::Load::start(
+        &t.service,
+        t.client_netns.as_deref(),
+        o.clients,
+        &prefix,
+        seed,
+    );
+    std::thread::sleep(Duration::from_millis(rng.gen_range(1000..3000)));
+    let mut problems = Vec::new();
+    let fault = Instant::now();
+    let mut restarted = None;
+    let mut nobody_live = None;
+    let expected = match o.scenario {
+        Scenario::KillPrimary => {
+            run_cmd(&t.site(primary).kill, &[])?;
+            backup
+        }
+        Scenario::KillBackup => {
+            run_cmd(&t.site(backup).kill, &[])?;
+            primary
+        }
+        Scenario::PartitionSites => {
+            run_cmd(&t.partition_sites, &[])?;
+            // Both sites still reach the witness: either may win the race.
+            primary
+        }
+        Scenario::IsolatePrimary => {
+            let cut = if primary == Side::A {
+                &t.isolate_a
+            } else {
+                &t.isolate_b
+            };
+            run_cmd(cut, &[])?;
+            backup
+        }
+        Scenario::KillWitness => {
+            run_cmd(&t.kill_witness, &[])?;
+            primary
+        }
+        Scenario::PartitionAndWitnessDown => {
+            run_cmd(&t.kill_witness, &[])?;
+            run_cmd(&t.partition_sites, &[])?;
+            // Without the witness nobody may go live, however long it takes.
+            std::thread::sleep(timeout * 3);
+            let (a, b) = (role(&status(t, Side::A)), role(&status(t, Side::B)));
+            let live_now = [(&a, Side::A), (&b, Side::B)]
+                .iter()
+                .filter(|(r, s)| is_live(r) && *s != primary)
+                .count();
+            let ok = live_now == 0 && a != "solo" && b != "solo";
+            if !ok {
+                problems.push(format!(
+                    "with the witness down a site went live: a={a} b={b}"
+                ));
+            }
+            nobody_live = Some(ok);
+            run_cmd(&t.start_witness, &[])?;
+            primary
+        }
+        Scenario::Hiccup => {
+            run_cmd(&t.partition_sites, &[])?;
+            std::thread::sleep(timeout / 2);
+            run_cmd(&t.heal_sites, &[])?;
+            primary
+        }
+    };
+    // Wait for the outcome.
+    let outcome = match o.scenario {
+        Scenario::KillWitness | Scenario::Hiccup => {
+            std::thread::sleep(timeout * 2);
+            wait_roles(t, "the pair to stay as it was", limit, |a, b| {
+                let (p, q) = if primary == Side::A { (a, b) } else { (b, a) };
+                p == "primary" && q == "backup"
+            })
+        }
+        Scenario::PartitionSites | Scenario::PartitionAndWitnessDown => wait_roles(
+            t,
+            "exactly one live site and the other fenced",
+            limit,
+            |a, b| (is_live(a) && b == "fenced") || (is_live(b) && a == "fenced"),
+        ),
+        _ => wait_roles(t, "the expected site to be live", limit, |a, b| {
+            let r = if expected == Side::A { a } else { b };
+            r == "solo" || r == "primary"
+        }),
+    };
+    if let Err(e) = &outcome {
+        problems.push(e.to_string());
+    }
+    let fault_to_live = outcome.ok().map(|seen| ms(seen.duration_since(fault)));
+    // Heal what the scenario cut, so the losing site can be seen fenced.
+    if matches!(
+        o.scenario,
+        Scenario::PartitionSites | Scenario::IsolatePrimary | Scenario::PartitionAndWitnessDown
+    ) {
+        run_cmd(&t.heal_all, &[])?;
+    }
+    if o.scenario == Scenario::KillWitness {
+        run_cmd(&t.start_witness, &[])?;
+    }
+    std::thread::sleep(o.settle);
+    let (sa, sb) = (status(t, Side::A), status(t, Side::B));
+    let live_after = match (is_live(&role(&sa)), is_live(&role(&sb))) {
+        (true, false) => Some(Side::A),
+        (false, true) => Some(Side::B),
+        (true, true) => {
+            problems.push("both sites report a live role".into());
+            None
+        }
+        (false, false) => None,
+    };
+    let failover = live_after
+        .and_then(|s| if s == Side::A { sa.clone() } else { sb.clone() })
+        .and_then(|v| v.get("failover").cloned())
+        .filter(|f| !f.is_null());
+    let history = load.stop();
+    let frames = capture.map(|c| c.finish());
+
+    // The killed node, restarted, must stay fenced (it lost its guest).
+    if matches!(o.scenario, Scenario::KillPrimary | Scenario::KillBackup) {
+        let killed = if o.scenario == Scenario::KillPrimary {
+            primary
+        } else {
+            backup
+        };
+        run_cmd(&t.site(killed).start_backup, &[])?;
+        let fenced = wait_roles(
+            t,
+            "the restarted node to report fenced",
+            Duration::from_secs(60),
+            |a, b| (if killed == Side::A { a } else { b }) == "fenced",
+        )
+        .is_ok();
+        if !fenced {
+            problems.push("the restarted node did not stay fenced".into());
+        }
+        restarted = Some(fenced);
+    }
+
+    // What the clients saw.
+    let records = history
+        .records
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut keys: Vec<String> = records.iter().map(|r| r.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    let finals = load::final_reads(&t.service, t.client_netns.as_deref(), keys)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let final_map: HashMap<String, Option<String>> = finals
+        .iter()
+        .map(|(k, _, v, _)| (k.clone(), v.clone()))
+        .collect();
+    let writes_lost = load::lost_writes(&records, &final_map);
+    let t0 = load_start(&records).unwrap_or(fault);
+    let mut hist = load::histories(&records, t0);
+    let us = |x: Instant| x.saturating_duration_since(t0).as_nanos() as u64;
+    for (k, s, v, e) in &finals {
+        hist.entry(k.clone()).or_default().push(linearizable::Op {
+            call: us(*s),
+            ret: Some(us(*e)),
+            kind: linearizable::OpKind::Read(v.clone()),
+        });
+    }
+    let mut lin = "linearizable".to_string();
+    for (k, ops) in &hist {
+        match linearizable::check(ops, None, 5_000_000) {
+            linearizable::Verdict::Linearizable => {}
+            linearizable::Verdict::Violation(why) => {
+                lin = format!("VIOLATION on {k}: {why}");
+                problems.push(lin.clone());
+                break;
+            }
+            linearizable::Verdict::Unknown => {
+                lin = format!("unknown (the search on {k} was too large)")
+            }
+        }
+    }
+    let writes_acknowledged = records
+        .iter()
+        .filter(|r| r.write.is_some() && r.end.is_some() && r.error.is_none())
+        .count() as u64;
+    let reads = records.iter().filter(|r| r.read.is_some()).count() as u64;
+    let first_reply = records
+        .iter()
+        .filter(|r| r.start >= fault && r.error.is_none())
+        .filter_map(|r| r.end)
+        .min()
+        .map(|e| ms(e.duration_since(fault)));
+    let latencies = records
+        .iter()
+        .map(|r| {
+            let at = if r.start >= fault {
+                r.start.duration_since(fault).as_secs_f64()
+            } else {
+                -fault.duration_since(r.start).as_secs_f64()
+            };
+            let lat = r.end.map_or(0.0, |e| ms(e.duration_since(r.start)));
+            (at, lat, r.end.is_some() && r.error.is_none())
+        })
+        .collect();
+    let connections_broken = history.broken.load(std::sync::atomic::Ordering::Relaxed);
+    let two_live_moments = frames.as_ref().and_then(|f| {
+        let winner = live_after?;
+        let (wa, wb) = (&f[0].1, &f[1].1);
+        let (w, l) = if winner == Side::A {
+            (wa, wb)
+        } else {
+            (wb, wa)
+        };
+        Some(capture::two_live(w, l, fault) as u64)
+    });
+    if writes_lost > 0 {
+        problems.push(format!("{writes_lost} acknowledged writes lost"));
+    }
+    if connections_broken > 0 {
+        problems.push(format!("{connections_broken} client connections broke"));
+    }
+    if two_live_moments.unwrap_or(0) > 0 {
+        problems.push(format!(
+            "{two_live_moments:?} frames from the losing site after the winner spoke"
+        ));
+    }
+    if o.scenario != Scenario::PartitionSites
+        && live_after.is_some()
+        && live_after != Some(expected)
+    {
+        problems.push(format!(
+            "expected site {} live, found {:?}",
+            expected.key(),
+            live_after
+        ));
+    }
+    if first_reply.is_none() {
+        problems.push("no request sent after the fault was ever answered".into());
+    }
+    Ok(Iteration {
+        scenario: o.scenario.name(),
+        iteration: i,
+        seed,
+        wan_delay_ms: t.wan_delay_ms,
+        primary_before: primary,
+        live_after,
+        expected_live_after: expected,
+        first_reply_after_fault_ms: first_reply,
+        fault_to_live_ms: fault_to_live,
+        failover,
+        writes_acknowledged,
+        writes_lost,
+        reads,
+        linearizable: lin,
+        connections_broken,
+        two_live_moments,
+        restarted_node_fenced: restarted,
+        nobody_live_while_witness_down: nobody_live,
+        latencies,
+        passed: problems.is_empty(),
+        problems,
+    })
+}
+
+fn load_start(records: &[load::Record]) -> Option<Instant> {
+    records.iter().map(|r| r.start).min()
+}
