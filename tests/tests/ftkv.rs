@@ -4,50 +4,24 @@
 
 use ftvm_tests::site::{self, FtkvSite, Guard, GUEST_IP};
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn ready(test: &str) -> bool {
-    ftvm_tests::kvm_available(test)
-        && site::root_available(test)
-        && site::tool_available(test, "redis-cli", "redis-tools")
-}
+use site::ftkv_ready as ready;
 
 /// A fresh site with a 64 MiB disk, VM not started.
 fn site(prefix: &str, dir: &std::path::Path) -> FtkvSite {
-    let disk = dir.join("ftkv.img");
-    site::create_disk(&disk, "64M").unwrap();
-    let cfg = site::ftkv_config(dir, &disk, site::FTKV_MEMORY_MIB).unwrap();
-    FtkvSite::new(prefix, cfg).unwrap()
+    FtkvSite::with_new_disk(prefix, dir).unwrap()
 }
 
 /// One redis-cli connection in the site's namespace, reading commands from
-/// its stdin (ended by `timeout` if the test goes wrong).
+/// its stdin.
 fn spawn_cli(s: &FtkvSite) -> std::process::Child {
-    s.ns.command("timeout")
-        .args(["120", "redis-cli", "-h", GUEST_IP])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    s.spawn_cli(&[]).unwrap()
 }
 
-/// Feeds `commands` (one per line) to one redis-cli connection in the site's
-/// namespace; returns its reply lines.
+/// Feeds `commands` (one per line) to one redis-cli connection; its reply lines.
 fn pipe_cli(s: &FtkvSite, commands: &str) -> Vec<String> {
-    let mut child = spawn_cli(s);
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(commands.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    s.pipe_cli(&[], commands).unwrap()
 }
 
 #[test]
@@ -317,28 +291,9 @@ fn network_and_disk_traffic_replays_and_a_flipped_frame_diverges() {
         .collect();
     let replies = pipe_cli(&s, &script);
     assert_eq!(replies.len(), 600);
-    let out = s.stop().unwrap();
-    let record = out
-        .lines()
-        .find(|l| l.starts_with("record: "))
-        .unwrap()
-        .to_string();
-    let root = out
-        .lines()
-        .find(|l| l.starts_with("disk: root="))
-        .unwrap()
-        .to_string();
-
-    let replay = |log: &std::path::Path, disk: &std::path::Path| {
-        let o = Command::new(ftvm_tests::bin("ftvm"))
-            .args(["replay", "--config", s.config.to_str().unwrap(), "--log"])
-            .arg(log)
-            .arg("--disk")
-            .arg(disk)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let (record, root) = site::record_summary(&s.stop().unwrap()).unwrap();
+    let replay =
+        |log: &std::path::Path, disk: &std::path::Path| site::replay(&s.config, log, disk).unwrap();
     let replay_disk = dir.path().join("replay.img");
     std::fs::copy(&start_copy, &replay_disk).unwrap();
     let out = replay(&log_path, &replay_disk);
