@@ -217,13 +217,17 @@ pub fn ftkv_image() -> PathBuf {
 /// only used as the guest touches it.
 pub const FTKV_MEMORY_MIB: u64 = 1024;
 
-/// Writes an ftvm config running ftkv on `disk`, with its console in `dir`.
-pub fn ftkv_config(dir: &Path, disk: &Path, memory_mib: u64) -> Result<PathBuf> {
+/// ftkv's keyspace limit (`maxmemory=`) in tests.
+pub const FTKV_MAXMEMORY: u64 = 32 << 20;
+
+/// Writes an ftvm config running ftkv on `disk` with `memory_mib` of guest
+/// memory and a keyspace limit of `maxmemory` bytes, its console in `dir`.
+pub fn ftkv_config(dir: &Path, disk: &Path, memory_mib: u64, maxmemory: u64) -> Result<PathBuf> {
     let p = dir.join("ftkv.toml");
     std::fs::write(
         &p,
         format!(
-            "[machine]\nimage = {:?}\nmemory_mib = {memory_mib}\ncmdline = \"ip={GUEST_IP}/24 gw=10.0.2.1 maxmemory=33554432\"\n\
+            "[machine]\nimage = {:?}\nmemory_mib = {memory_mib}\ncmdline = \"ip={GUEST_IP}/24 gw=10.0.2.1 maxmemory={maxmemory}\"\n\
              [net]\ntap = \"{TAP}\"\nmac = \"{GUEST_MAC}\"\n\
              [disk]\npath = {:?}\n\
              [console]\noutput = {:?}\n",
@@ -316,7 +320,7 @@ impl FtkvSite {
     pub fn with_new_disk(prefix: &str, dir: &Path) -> Result<Self> {
         let disk = dir.join("ftkv.img");
         create_disk(&disk, "64M")?;
-        let config = ftkv_config(dir, &disk, FTKV_MEMORY_MIB)?;
+        let config = ftkv_config(dir, &disk, FTKV_MEMORY_MIB, FTKV_MAXMEMORY)?;
         Self::new(prefix, config)
     }
 
