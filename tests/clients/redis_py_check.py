@@ -7,7 +7,7 @@ Run inside the guest's network namespace by tests/tests/ftkv_clients.rs:
 MODE is one of
   basic       connect, SET/GET/INCR/MSET/MGET/DEL/EXPIRE, pipelining
   concurrent  16 clients: INCR totals exact, every acknowledged SET read back
-  hostile     garbage on raw sockets, then the redis-py client still works
+  hostile     hostile.py's raw-socket input, then the redis-py client still works
   raw         the bytes of HELLO 3 / GET missing, HELLO 2, HELLO 4
   workload    a fixed mix of writes and reads (for record/replay)
 
@@ -20,6 +20,8 @@ import socket
 import threading
 
 import redis
+
+import hostile as hostile_input  # tests/clients/hostile.py, beside this file
 
 PORT = 6379
 
@@ -130,59 +132,10 @@ def concurrent(args):
     print(f"ok: concurrent {clients} clients x {rounds}")
 
 
-def read_reply(s):
-    s.settimeout(30)
-    data = b""
-    try:
-        while not data.endswith(b"\r\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except socket.timeout:
-        pass
-    return data
-
-
 def hostile(args):
     r = client(args)
     assert r.set("survivor", "yes") is True
-    # Binary junk is read as inline commands: unknown-command errors.
-    s = socket.create_connection((args.host, PORT), timeout=30)
-    s.sendall(bytes(range(256)) * 4)
-    reply = read_reply(s)
-    s.close()
-    assert reply.startswith(b"-ERR unknown command"), reply[:80]
-    cases = [
-        b"*1\r\n$2147483648\r\n",
-        b"*2147483647\r\n",
-        b"*1\r\n:1\r\n",
-        b'GET "unbalanced\r\n',
-        b"*3\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$-5\r\n",
-    ]
-    for payload in cases:
-        s = socket.create_connection((args.host, PORT), timeout=30)
-        s.sendall(payload)
-        reply = read_reply(s)
-        s.close()
-        assert reply.startswith(b"-ERR Protocol error"), (payload[:40], reply)
-    # After HELLO 3 the parser is just as strict.
-    s = socket.create_connection((args.host, PORT), timeout=30)
-    s.sendall(b"HELLO 3\r\n")
-    assert read_reply(s).startswith(b"%7\r\n")
-    s.sendall(b"*1\r\n$99999999\r\n")
-    reply = b""
-    while b"Protocol error" not in reply:
-        chunk = s.recv(4096)
-        assert chunk, reply
-        reply += chunk
-    s.close()
-    # A request left half-sent, and 2,000 connections opened and closed.
-    s = socket.create_connection((args.host, PORT), timeout=30)
-    s.sendall(b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$10\r\nabc")
-    s.close()
-    for _ in range(2000):
-        socket.create_connection((args.host, PORT), timeout=30).close()
+    hostile_input.attack(args.host, connections=2000)
     # The redis-py client connected before all this still works.
     assert r.get("survivor") == b"yes"
     assert r.incr("after") == 1

@@ -202,37 +202,6 @@ fn redis_benchmark_completes_without_errors() {
     s.stop().unwrap();
 }
 
-const HOSTILE: &str = r#"
-import socket, sys
-ip = sys.argv[1]
-def conn():
-    s = socket.create_connection((ip, 6379), timeout=10)
-    return s
-def reply(s):
-    s.settimeout(10)
-    data = b""
-    try:
-        while not data.endswith(b"\r\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except socket.timeout:
-        pass
-    return data
-s = conn(); s.sendall(bytes(range(256)) * 4); r = reply(s); s.close()
-assert r.startswith(b"-ERR"), r
-s = conn(); s.sendall(b"*1\r\n$2147483648\r\n"); r = reply(s); s.close()
-assert r.startswith(b"-ERR"), r
-s = conn(); s.sendall(b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$10\r\nabc"); s.close()
-for i in range(10000):
-    c = socket.create_connection((ip, 6379), timeout=10)
-    c.close()
-s = conn(); s.sendall(b"PING\r\n"); r = reply(s); s.close()
-assert r == b"+PONG\r\n", r
-print("hostile: done")
-"#;
-
 #[test]
 fn hostile_clients_leave_ftkv_serving() {
     if !ready("hostile_clients_leave_ftkv_serving")
@@ -250,7 +219,9 @@ fn hostile_clients_leave_ftkv_serving() {
 
     let out =
         s.ns.command("timeout")
-            .args(["300", "python3", "-c", HOSTILE, GUEST_IP])
+            .args(["300", "python3"])
+            .arg(ftvm_tests::repo_root().join("tests/clients/hostile.py"))
+            .arg(GUEST_IP)
             .output()
             .unwrap();
     assert!(

@@ -28,6 +28,13 @@ impl Conn {
     fn check(&mut self, words: &[&str], expected: &str) {
         assert_eq!(self.run(words), expected, "{words:?}");
     }
+
+    /// Runs each command in order and checks its reply.
+    fn script(&mut self, steps: &[(&[&str], &str)]) {
+        for (words, expected) in steps {
+            self.check(words, expected);
+        }
+    }
 }
 
 fn server_map(proto: i64) -> String {
@@ -43,14 +50,18 @@ fn server_map(proto: i64) -> String {
 fn hello_switches_the_protocol_and_answers_the_server_map() {
     let mut c = Conn::new();
     // Without a version: the map in the current protocol, nothing changes.
-    c.check(&["HELLO"], &server_map(2));
-    c.check(&["GET", "missing"], "$-1\r\n");
-    c.check(&["hello", "3"], &server_map(3));
+    c.script(&[
+        (&["HELLO"], &server_map(2)),
+        (&["GET", "missing"], "$-1\r\n"),
+        (&["hello", "3"], &server_map(3)),
+    ]);
     assert_eq!(c.session.protocol(), Protocol::Resp3);
-    c.check(&["GET", "missing"], "_\r\n");
-    c.check(&["HELLO"], &server_map(3));
-    c.check(&["HELLO", "2"], &server_map(2));
-    c.check(&["GET", "missing"], "$-1\r\n");
+    c.script(&[
+        (&["GET", "missing"], "_\r\n"),
+        (&["HELLO"], &server_map(3)),
+        (&["HELLO", "2"], &server_map(2)),
+        (&["GET", "missing"], "$-1\r\n"),
+    ]);
 }
 
 #[test]
@@ -65,34 +76,39 @@ fn hello_refuses_bad_versions_and_options_without_changing_anything() {
             "-ERR Protocol version is not an integer or out of range\r\n",
         );
     }
-    c.check(
-        &["HELLO", "3", "FOO"],
-        "-ERR Syntax error in HELLO option 'FOO'\r\n",
-    );
-    c.check(
-        &["HELLO", "3", "AUTH", "default"],
-        "-ERR Syntax error in HELLO option 'AUTH'\r\n",
-    );
-    c.check(
-        &["HELLO", "3", "SETNAME"],
-        "-ERR Syntax error in HELLO option 'SETNAME'\r\n",
-    );
-    c.check(
-        &["HELLO", "3", "SETNAME", "a b"],
-        "-ERR Client names cannot contain spaces, newlines or special characters.\r\n",
-    );
-    c.check(
-        &["HELLO", "3", "AUTH", "bob", "pw"],
-        "-WRONGPASS invalid username-password pair or user is disabled.\r\n",
-    );
+    let refused: &[(&[&str], &str)] = &[
+        (
+            &["HELLO", "3", "FOO"],
+            "-ERR Syntax error in HELLO option 'FOO'\r\n",
+        ),
+        (
+            &["HELLO", "3", "AUTH", "default"],
+            "-ERR Syntax error in HELLO option 'AUTH'\r\n",
+        ),
+        (
+            &["HELLO", "3", "SETNAME"],
+            "-ERR Syntax error in HELLO option 'SETNAME'\r\n",
+        ),
+        (
+            &["HELLO", "3", "SETNAME", "a b"],
+            "-ERR Client names cannot contain spaces, newlines or special characters.\r\n",
+        ),
+        (
+            &["HELLO", "3", "AUTH", "bob", "pw"],
+            "-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+        ),
+        // An option that holds CR LF cannot break the reply framing.
+        (
+            &["HELLO", "3", "x\r\ny"],
+            "-ERR Syntax error in HELLO option 'x  y'\r\n",
+        ),
+    ];
+    for (cmd, reply) in refused {
+        c.check(cmd, reply);
+    }
     // A failed HELLO leaves the connection as it was.
     assert_eq!(c.session.protocol(), Protocol::Resp2);
     assert_eq!(c.session.name(), None);
-    // An option value that holds CR LF cannot break the reply framing.
-    c.check(
-        &["HELLO", "3", "x\r\ny"],
-        "-ERR Syntax error in HELLO option 'x  y'\r\n",
-    );
 }
 
 #[test]
@@ -114,42 +130,44 @@ fn hello_with_auth_and_setname() {
 #[test]
 fn resp3_replies_of_every_command() {
     let mut c = Conn::new();
-    c.check(&["HELLO", "3"], &server_map(3));
-    c.check(&["PING"], "+PONG\r\n");
-    c.check(&["PING", "hi"], "$2\r\nhi\r\n");
-    c.check(&["ECHO", "e"], "$1\r\ne\r\n");
-    c.check(&["SET", "k", "v"], "+OK\r\n");
-    c.check(&["SET", "k", "w", "NX"], "_\r\n");
-    c.check(&["SET", "n", "w", "XX"], "_\r\n");
-    c.check(&["GET", "k"], "$1\r\nv\r\n");
-    c.check(&["MGET", "k", "nope"], "*2\r\n$1\r\nv\r\n_\r\n");
-    c.check(&["MSET", "a", "1", "b", "2"], "+OK\r\n");
-    c.check(&["INCR", "a"], ":2\r\n");
-    c.check(&["DECRBY", "a", "5"], ":-3\r\n");
-    c.check(&["EXISTS", "a", "nope"], ":1\r\n");
-    c.check(&["DEL", "a", "nope"], ":1\r\n");
-    c.check(&["EXPIRE", "k", "10"], ":1\r\n");
-    c.check(&["TTL", "k"], ":10\r\n");
-    c.check(&["PTTL", "k"], ":10000\r\n");
-    c.check(&["PERSIST", "k"], ":1\r\n");
-    c.check(&["DBSIZE"], ":2\r\n");
-    c.check(
-        &["CONFIG", "GET", "append*"],
-        "%2\r\n$10\r\nappendonly\r\n$3\r\nyes\r\n$11\r\nappendfsync\r\n$6\r\nalways\r\n",
-    );
-    c.check(&["CONFIG", "GET", "nomatch"], "%0\r\n");
-    c.check(&["COMMAND", "DOCS"], "%0\r\n");
-    c.check(&["COMMAND", "INFO", "get"], "*1\r\n_\r\n");
-    c.check(&["COMMAND"], "*0\r\n");
-    c.check(&["CLIENT", "GETNAME"], "_\r\n");
-    c.check(&["CLIENT", "ID"], ":7\r\n");
-    c.check(&["SELECT", "0"], "+OK\r\n");
-    c.check(&["FLUSHALL"], "+OK\r\n");
-    c.check(&["INCR", "x"], ":1\r\n");
-    c.check(
-        &["NOPE"],
-        "-ERR unknown command 'NOPE', with args beginning with: \r\n",
-    );
+    c.script(&[
+        (&["HELLO", "3"], &server_map(3)),
+        (&["PING"], "+PONG\r\n"),
+        (&["PING", "hi"], "$2\r\nhi\r\n"),
+        (&["ECHO", "e"], "$1\r\ne\r\n"),
+        (&["SET", "k", "v"], "+OK\r\n"),
+        (&["SET", "k", "w", "NX"], "_\r\n"),
+        (&["SET", "n", "w", "XX"], "_\r\n"),
+        (&["GET", "k"], "$1\r\nv\r\n"),
+        (&["MGET", "k", "nope"], "*2\r\n$1\r\nv\r\n_\r\n"),
+        (&["MSET", "a", "1", "b", "2"], "+OK\r\n"),
+        (&["INCR", "a"], ":2\r\n"),
+        (&["DECRBY", "a", "5"], ":-3\r\n"),
+        (&["EXISTS", "a", "nope"], ":1\r\n"),
+        (&["DEL", "a", "nope"], ":1\r\n"),
+        (&["EXPIRE", "k", "10"], ":1\r\n"),
+        (&["TTL", "k"], ":10\r\n"),
+        (&["PTTL", "k"], ":10000\r\n"),
+        (&["PERSIST", "k"], ":1\r\n"),
+        (&["DBSIZE"], ":2\r\n"),
+        (
+            &["CONFIG", "GET", "append*"],
+            "%2\r\n$10\r\nappendonly\r\n$3\r\nyes\r\n$11\r\nappendfsync\r\n$6\r\nalways\r\n",
+        ),
+        (&["CONFIG", "GET", "nomatch"], "%0\r\n"),
+        (&["COMMAND", "DOCS"], "%0\r\n"),
+        (&["COMMAND", "INFO", "get"], "*1\r\n_\r\n"),
+        (&["COMMAND"], "*0\r\n"),
+        (&["CLIENT", "GETNAME"], "_\r\n"),
+        (&["CLIENT", "ID"], ":7\r\n"),
+        (&["SELECT", "0"], "+OK\r\n"),
+        (&["FLUSHALL"], "+OK\r\n"),
+        (&["INCR", "x"], ":1\r\n"),
+        (
+            &["NOPE"],
+            "-ERR unknown command 'NOPE', with args beginning with: \r\n",
+        ),
+    ]);
     // INFO is a verbatim string: `=<len>\r\ntxt:<text>\r\n`.
     let info = c.run(&["INFO", "keyspace"]);
     let text = "# Keyspace\r\ndb0:keys=1,expires=0,avg_ttl=0\r\n";
@@ -160,9 +178,11 @@ fn resp3_replies_of_every_command() {
 #[test]
 fn info_in_resp2_is_a_bulk_string() {
     let mut c = Conn::new();
-    c.check(&["INFO", "nosuchsection"], "$0\r\n\r\n");
-    c.check(&["HELLO", "3"], &server_map(3));
-    c.check(&["INFO", "nosuchsection"], "=4\r\ntxt:\r\n");
+    c.script(&[
+        (&["INFO", "nosuchsection"], "$0\r\n\r\n"),
+        (&["HELLO", "3"], &server_map(3)),
+        (&["INFO", "nosuchsection"], "=4\r\ntxt:\r\n"),
+    ]);
 }
 
 #[test]
@@ -174,104 +194,116 @@ fn connection_commands_clients_send_on_connect() {
         c.session.library(),
         (Some(&b"redis-py"[..]), Some(&b"8.0.1"[..]))
     );
-    c.check(
-        &["CLIENT", "SETINFO", "lib-name", "a b"],
-        "-ERR lib-name cannot contain spaces, newlines or special characters.\r\n",
-    );
-    c.check(
-        &["CLIENT", "SETINFO", "color", "red"],
-        "-ERR Unrecognized option 'color'\r\n",
-    );
-    c.check(
-        &["CLIENT", "SETINFO", "lib-name"],
-        "-ERR wrong number of arguments for 'client|setinfo' command\r\n",
-    );
-    c.check(&["CLIENT", "SETNAME", "worker"], "+OK\r\n");
-    c.check(&["CLIENT", "GETNAME"], "$6\r\nworker\r\n");
-    c.check(&["CLIENT", "SETNAME", ""], "+OK\r\n");
-    c.check(&["CLIENT", "GETNAME"], "$-1\r\n");
-    c.check(&["CLIENT", "ID"], ":7\r\n");
-    c.check(
-        &["CLIENT", "ID", "x"],
-        "-ERR wrong number of arguments for 'client|id' command\r\n",
-    );
-    c.check(
-        &["CLIENT", "GETNAME", "x"],
-        "-ERR wrong number of arguments for 'client|getname' command\r\n",
-    );
-    c.check(&["SELECT", "0"], "+OK\r\n");
-    c.check(&["SELECT", "1"], "-ERR DB index is out of range\r\n");
-    c.check(&["SELECT", "-1"], "-ERR DB index is out of range\r\n");
-    c.check(
-        &["SELECT", "x"],
-        "-ERR value is not an integer or out of range\r\n",
-    );
+    c.script(&[
+        (
+            &["CLIENT", "SETINFO", "lib-name", "a b"],
+            "-ERR lib-name cannot contain spaces, newlines or special characters.\r\n",
+        ),
+        (
+            &["CLIENT", "SETINFO", "color", "red"],
+            "-ERR Unrecognized option 'color'\r\n",
+        ),
+        (
+            &["CLIENT", "SETINFO", "lib-name"],
+            "-ERR wrong number of arguments for 'client|setinfo' command\r\n",
+        ),
+        (&["CLIENT", "SETNAME", "worker"], "+OK\r\n"),
+        (&["CLIENT", "GETNAME"], "$6\r\nworker\r\n"),
+        (&["CLIENT", "SETNAME", ""], "+OK\r\n"),
+        (&["CLIENT", "GETNAME"], "$-1\r\n"),
+        (&["CLIENT", "ID"], ":7\r\n"),
+        (
+            &["CLIENT", "ID", "x"],
+            "-ERR wrong number of arguments for 'client|id' command\r\n",
+        ),
+        (
+            &["CLIENT", "GETNAME", "x"],
+            "-ERR wrong number of arguments for 'client|getname' command\r\n",
+        ),
+        (&["SELECT", "0"], "+OK\r\n"),
+        (&["SELECT", "1"], "-ERR DB index is out of range\r\n"),
+        (&["SELECT", "-1"], "-ERR DB index is out of range\r\n"),
+        (
+            &["SELECT", "x"],
+            "-ERR value is not an integer or out of range\r\n",
+        ),
+    ]);
     c.check(
         &["AUTH", "secret"],
         "-ERR AUTH <password> called without any password configured for the default user. \
          Are you sure your configuration is correct?\r\n",
     );
-    c.check(&["AUTH", "default", "secret"], "+OK\r\n");
-    c.check(
-        &["AUTH", "bob", "secret"],
-        "-WRONGPASS invalid username-password pair or user is disabled.\r\n",
-    );
-    c.check(&["AUTH", "a", "b", "c"], "-ERR syntax error\r\n");
-    c.check(
-        &["AUTH"],
-        "-ERR wrong number of arguments for 'auth' command\r\n",
-    );
+    c.script(&[
+        (&["AUTH", "default", "secret"], "+OK\r\n"),
+        (
+            &["AUTH", "bob", "secret"],
+            "-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+        ),
+        (&["AUTH", "a", "b", "c"], "-ERR syntax error\r\n"),
+        (
+            &["AUTH"],
+            "-ERR wrong number of arguments for 'auth' command\r\n",
+        ),
+    ]);
 }
 
 #[test]
 fn expire_family_matches_redis() {
     let mut c = Conn::new();
-    c.check(&["SET", "k", "v"], "+OK\r\n");
-    c.check(&["EXPIRE", "nope", "10"], ":0\r\n");
-    c.check(
-        &["EXPIRE", "k", "10", "NX", "XX"],
-        "-ERR NX and XX, GT or LT options at the same time are not compatible\r\n",
-    );
-    c.check(
-        &["EXPIRE", "k", "10", "GT", "LT"],
-        "-ERR GT and LT options at the same time are not compatible\r\n",
-    );
-    c.check(
-        &["EXPIRE", "k", "10", "FOO"],
-        "-ERR Unsupported option FOO\r\n",
-    );
-    c.check(
-        &["EXPIRE", "k", "x"],
-        "-ERR value is not an integer or out of range\r\n",
-    );
-    c.check(
-        &["EXPIRE", "k", "9223372036854775807"],
-        "-ERR invalid expire time in 'expire' command\r\n",
-    );
+    c.script(&[
+        (&["SET", "k", "v"], "+OK\r\n"),
+        (&["EXPIRE", "nope", "10"], ":0\r\n"),
+        (
+            &["EXPIRE", "k", "10", "NX", "XX"],
+            "-ERR NX and XX, GT or LT options at the same time are not compatible\r\n",
+        ),
+        (
+            &["EXPIRE", "k", "10", "GT", "LT"],
+            "-ERR GT and LT options at the same time are not compatible\r\n",
+        ),
+        (
+            &["EXPIRE", "k", "10", "FOO"],
+            "-ERR Unsupported option FOO\r\n",
+        ),
+        (
+            &["EXPIRE", "k", "x"],
+            "-ERR value is not an integer or out of range\r\n",
+        ),
+        (
+            &["EXPIRE", "k", "9223372036854775807"],
+            "-ERR invalid expire time in 'expire' command\r\n",
+        ),
+    ]);
     // No expiry counts as infinite: GT never applies, LT always does.
-    c.check(&["EXPIRE", "k", "10", "GT"], ":0\r\n");
-    c.check(&["EXPIRE", "k", "10", "XX"], ":0\r\n");
-    c.check(&["EXPIRE", "k", "100", "NX"], ":1\r\n");
-    c.check(&["EXPIRE", "k", "50", "NX"], ":0\r\n");
-    c.check(&["EXPIRE", "k", "50", "GT"], ":0\r\n");
-    c.check(&["EXPIRE", "k", "200", "gt"], ":1\r\n");
-    c.check(&["PEXPIRE", "k", "5000", "LT"], ":1\r\n");
-    c.check(&["PTTL", "k"], ":5000\r\n");
+    c.script(&[
+        (&["EXPIRE", "k", "10", "GT"], ":0\r\n"),
+        (&["EXPIRE", "k", "10", "XX"], ":0\r\n"),
+        (&["EXPIRE", "k", "100", "NX"], ":1\r\n"),
+        (&["EXPIRE", "k", "50", "NX"], ":0\r\n"),
+        (&["EXPIRE", "k", "50", "GT"], ":0\r\n"),
+        (&["EXPIRE", "k", "200", "gt"], ":1\r\n"),
+        (&["PEXPIRE", "k", "5000", "LT"], ":1\r\n"),
+        (&["PTTL", "k"], ":5000\r\n"),
+    ]);
     // Absolute times (the clock is at 1000 ms).
-    c.check(&["PEXPIREAT", "k", "9000"], ":1\r\n");
-    c.check(&["PTTL", "k"], ":8000\r\n");
-    c.check(&["EXPIREAT", "k", "20"], ":1\r\n");
-    c.check(&["PTTL", "k"], ":19000\r\n");
-    c.check(&["GET", "k"], "$1\r\nv\r\n");
-    c.check(&["PERSIST", "k"], ":1\r\n");
-    c.check(&["PERSIST", "k"], ":0\r\n");
-    c.check(&["TTL", "k"], ":-1\r\n");
+    c.script(&[
+        (&["PEXPIREAT", "k", "9000"], ":1\r\n"),
+        (&["PTTL", "k"], ":8000\r\n"),
+        (&["EXPIREAT", "k", "20"], ":1\r\n"),
+        (&["PTTL", "k"], ":19000\r\n"),
+        (&["GET", "k"], "$1\r\nv\r\n"),
+        (&["PERSIST", "k"], ":1\r\n"),
+        (&["PERSIST", "k"], ":0\r\n"),
+        (&["TTL", "k"], ":-1\r\n"),
+    ]);
     // A time already past deletes the key.
-    c.check(&["EXPIRE", "k", "0"], ":1\r\n");
-    c.check(&["EXISTS", "k"], ":0\r\n");
-    c.check(&["SET", "j", "v"], "+OK\r\n");
-    c.check(&["PEXPIREAT", "j", "-5"], ":1\r\n");
-    c.check(&["GET", "j"], "$-1\r\n");
+    c.script(&[
+        (&["EXPIRE", "k", "0"], ":1\r\n"),
+        (&["EXISTS", "k"], ":0\r\n"),
+        (&["SET", "j", "v"], "+OK\r\n"),
+        (&["PEXPIREAT", "j", "-5"], ":1\r\n"),
+        (&["GET", "j"], "$-1\r\n"),
+    ]);
 }
 
 #[test]
