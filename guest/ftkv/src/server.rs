@@ -1,5 +1,6 @@
-//! The server loop: smoltcp TCP, one RESP parser and session per connection, the
-//! engine, group commit to the log, and the exits that drive the devices.
+//! The server loop: smoltcp TCP, one RESP parser and session per
+//! connection, the engine, group commit to the log, and the exits that
+//! drive the devices.
 //!
 //! One iteration:
 //!
