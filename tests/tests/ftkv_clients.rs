@@ -87,6 +87,13 @@ fn redis_py_with_protocol_2() {
     stop_clean(s, dir.path());
 }
 
+/// `(integer) N` with 0 < N <= 100.
+fn ttl_within_100(line: &str) -> bool {
+    line.strip_prefix("(integer) ")
+        .and_then(|n| n.parse::<i64>().ok())
+        .is_some_and(|n| (1..=100).contains(&n))
+}
+
 #[test]
 fn redis_cli_in_resp3_and_resp2() {
     if !site::ftkv_ready("redis_cli_in_resp3_and_resp2") {
@@ -109,12 +116,20 @@ fn redis_cli_in_resp3_and_resp2() {
         "3) (nil)",
         "(integer) 2",
         "(integer) 1",
-        "(integer) 100",
+        // TTL: at most 100 s (less if the host stalled since EXPIRE).
+        "TTL",
         "(integer) 0",
     ];
+    let matches_common = |out: &[String]| {
+        out.len() > common.len()
+            && common
+                .iter()
+                .zip(out)
+                .all(|(want, got)| *want == got || (*want == "TTL" && ttl_within_100(got)))
+    };
     // RESP3: maps print as `n# key => value`.
     let out = s.pipe_cli(&["-3", "--no-raw"], script).unwrap();
-    assert_eq!(out[..common.len()], common, "{out:#?}");
+    assert!(matches_common(&out), "{out:#?}");
     let rest = &out[common.len()..];
     assert_eq!(rest[0], "1# \"appendfsync\" => \"always\"", "{out:#?}");
     assert_eq!(rest[1], "1# \"server\" => \"redis\"", "{out:#?}");
@@ -125,7 +140,7 @@ fn redis_cli_in_resp3_and_resp2() {
     assert_eq!(rest.last().map(String::as_str), Some("(integer) 1"));
     // RESP2: the same map is a flat array.
     let out = s.pipe_cli(&["-2", "--no-raw"], script).unwrap();
-    assert_eq!(out[..common.len()], common, "{out:#?}");
+    assert!(matches_common(&out), "{out:#?}");
     let rest = &out[common.len()..];
     assert_eq!(
         rest[..2],
@@ -176,7 +191,8 @@ async fn redis_rs_checks(url: &str) -> redis::RedisResult<()> {
     let set: bool = con.expire(k("a"), 100).await?;
     assert!(set);
     let ttl: i64 = con.ttl(k("a")).await?;
-    assert!((99..=100).contains(&ttl), "ttl {ttl}");
+    // At most 100 s: less if the host stalled since EXPIRE.
+    assert!((1..=100).contains(&ttl), "ttl {ttl}");
     let set: bool = con.expire(k("missing"), 5).await?;
     assert!(!set);
     let proto: redis::Value = redis::cmd("HELLO").query_async(&mut con).await?;
