@@ -24,6 +24,22 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
+# The Python Redis client the compatibility tests use, as users get it
+# today: the latest `redis` from PyPI (default settings speak RESP3), in a
+# venv of its own so the system's Python stays untouched. Tests look for it
+# at target/py-venv (or $FTVM_PYTHON).
+venv="$(cd "$(dirname "$0")/.." && pwd)/target/py-venv"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv"
+  python3 -m venv "$venv" || {
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv
+    python3 -m venv "$venv"
+  }
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade redis
+echo "setup: redis-py $("$venv/bin/python" -c 'import redis; print(redis.__version__)') in $venv"
+
 if [ ! -e /dev/kvm ]; then
   echo "setup: warning: /dev/kvm is missing; KVM tests will print SKIPPED" >&2
 fi

@@ -18,7 +18,7 @@
 //! every other round record first), so the ratios compare runs made side by
 //! side; each ratio is the median of the per-round ratios.
 
-use crate::report::Table;
+use crate::report::{median, Table};
 use anyhow::{anyhow, bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -212,21 +212,8 @@ pub fn parse_guest_exit_timing(console: &str) -> Option<(u64, u64)> {
     seen.then_some(total)
 }
 
-fn median_f64(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn median_u64(v: Vec<u64>) -> f64 {
-    median_f64(v.into_iter().map(|x| x as f64).collect())
+    median(v.into_iter().map(|x| x as f64).collect())
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -267,12 +254,12 @@ impl Samples {
     }
 
     fn median_wall_s(&self, mode: Mode) -> f64 {
-        median_f64(self.of(mode).iter().map(|p| p.wall.as_secs_f64()).collect())
+        median(self.of(mode).iter().map(|p| p.wall.as_secs_f64()).collect())
     }
 
     /// Median over rounds of `a`'s wall time / `b`'s wall time.
     fn ratio(&self, a: Mode, b: Mode) -> f64 {
-        median_f64(
+        median(
             self.of(a)
                 .iter()
                 .zip(self.of(b))
@@ -521,7 +508,7 @@ pub fn run(bin_dir: &Path, quick: bool) -> anyhow::Result<String> {
             let log = if mode == Mode::Record {
                 format!(
                     "{:.1}",
-                    median_f64(
+                    median(
                         s.log_bytes
                             .iter()
                             .zip(&s.exits)
@@ -538,7 +525,7 @@ pub fn run(bin_dir: &Path, quick: bool) -> anyhow::Result<String> {
                 format!("{:.0}", wall * 1e3),
                 format!(
                     "{:.0}",
-                    median_f64(s.of(mode).iter().map(|p| p.cpu.as_secs_f64()).collect()) * 1e3
+                    median(s.of(mode).iter().map(|p| p.cpu.as_secs_f64()).collect()) * 1e3
                 ),
                 format!("{exits:.0}"),
                 format!("{:.0}", exits / wall),
@@ -676,8 +663,8 @@ mod tests {
 
     #[test]
     fn medians() {
-        assert_eq!(median_f64(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median_f64(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert!(median_f64(vec![]).is_nan());
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
     }
 }

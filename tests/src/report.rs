@@ -32,6 +32,30 @@ impl Table {
     }
 }
 
+/// The median of `v` (NaN if empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// `median [min-max]` of per-round values, with `digits` decimals.
+pub fn median_range(v: &[f64], digits: usize) -> String {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{:.digits$} [{min:.digits$}-{max:.digits$}]",
+        median(v.to_vec())
+    )
+}
+
 /// Replaces (or appends) the section `name` of `file` with `body`. Sections are
 /// delimited by `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`.
 pub fn write_section(file: &Path, name: &str, body: &str) -> std::io::Result<()> {
@@ -51,6 +75,14 @@ pub fn write_section(file: &Path, name: &str, body: &str) -> std::io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+        assert_eq!(median_range(&[0.9, 1.1, 0.8], 2), "0.90 [0.80-1.10]");
+    }
 
     #[test]
     fn section_is_replaced_not_duplicated() {

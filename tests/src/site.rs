@@ -29,6 +29,38 @@ pub fn root_available(test: &str) -> bool {
     }
 }
 
+/// True when an ftkv VM can run here and `redis-cli` is installed;
+/// otherwise prints a SKIPPED line with the reason.
+pub fn ftkv_ready(test: &str) -> bool {
+    crate::kvm_available(test)
+        && root_available(test)
+        && tool_available(test, "redis-cli", "redis-tools")
+}
+
+/// The Python that has the `redis` package (redis-py): `$FTVM_PYTHON`, or
+/// the venv scripts/setup.sh creates at `target/py-venv`. Otherwise prints
+/// a SKIPPED line saying how to get it.
+pub fn python_with_redis(test: &str) -> Option<PathBuf> {
+    let python = std::env::var_os("FTVM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::repo_root().join("target/py-venv/bin/python"));
+    let works = Command::new(&python)
+        .args(["-c", "import redis"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if works {
+        return Some(python);
+    }
+    crate::skip(
+        test,
+        &format!(
+            "{} cannot import redis-py (run scripts/setup.sh, or set FTVM_PYTHON)",
+            python.display()
+        ),
+    );
+    None
+}
+
 /// True when `tool` runs; otherwise prints a SKIPPED line naming the package.
 pub fn tool_available(test: &str, tool: &str, package: &str) -> bool {
     if Command::new(tool).arg("--version").output().is_ok() {
@@ -80,6 +112,32 @@ impl NetNs {
         run(Command::new("ip").args(["-n", &self.name, "addr", "add", host_cidr, "dev", tap]))?;
         run(Command::new("ip").args(["-n", &self.name, "link", "set", tap, "up"]))?;
         Ok(())
+    }
+
+    /// Runs `f` on a new thread that has joined this namespace (sockets it
+    /// opens live there), and returns what it returns.
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = Path::new("/var/run/netns").join(&self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let ns = std::fs::File::open(&path)
+                        .with_context(|| format!("opening {}", path.display()))?;
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: setns on a namespace fd we own; it changes only
+                    // this thread's network namespace.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        bail!(
+                            "setns into {}: {}",
+                            self.name,
+                            std::io::Error::last_os_error()
+                        );
+                    }
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the thread in namespace {} panicked", self.name))?
+        })
     }
 
     /// A command that runs `program` inside the namespace.
@@ -165,13 +223,17 @@ pub fn ftkv_image() -> PathBuf {
 /// only used as the guest touches it.
 pub const FTKV_MEMORY_MIB: u64 = 1024;
 
-/// Writes an ftvm config running ftkv on `disk`, with its console in `dir`.
-pub fn ftkv_config(dir: &Path, disk: &Path, memory_mib: u64) -> Result<PathBuf> {
+/// ftkv's keyspace limit (`maxmemory=`) in tests.
+pub const FTKV_MAXMEMORY: u64 = 32 << 20;
+
+/// Writes an ftvm config running ftkv on `disk` with `memory_mib` of guest
+/// memory and a keyspace limit of `maxmemory` bytes, its console in `dir`.
+pub fn ftkv_config(dir: &Path, disk: &Path, memory_mib: u64, maxmemory: u64) -> Result<PathBuf> {
     let p = dir.join("ftkv.toml");
     std::fs::write(
         &p,
         format!(
-            "[machine]\nimage = {:?}\nmemory_mib = {memory_mib}\ncmdline = \"ip={GUEST_IP}/24 gw=10.0.2.1 maxmemory=33554432\"\n\
+            "[machine]\nimage = {:?}\nmemory_mib = {memory_mib}\ncmdline = \"ip={GUEST_IP}/24 gw=10.0.2.1 maxmemory={maxmemory}\"\n\
              [net]\ntap = \"{TAP}\"\nmac = \"{GUEST_MAC}\"\n\
              [disk]\npath = {:?}\n\
              [console]\noutput = {:?}\n",
@@ -214,6 +276,32 @@ pub fn wait_for_ping(ns: &NetNs, timeout: Duration) -> Result<()> {
     bail!("ftkv did not answer PING within {timeout:?}")
 }
 
+/// `ftvm replay --config <config> --log <log> --disk <disk>`: its stdout.
+pub fn replay(config: &Path, log: &Path, disk: &Path) -> Result<String> {
+    let out = Command::new(crate::bin("ftvm"))
+        .arg("replay")
+        .arg("--config")
+        .arg(config)
+        .arg("--log")
+        .arg(log)
+        .arg("--disk")
+        .arg(disk)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `record: ...` and `disk: root=...` lines `ftvm record` prints.
+pub fn record_summary(stdout: &str) -> Result<(String, String)> {
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_string)
+            .with_context(|| format!("no `{prefix}` line in ftvm's output:\n{stdout}"))
+    };
+    Ok((line("record: ")?, line("disk: root=")?))
+}
+
 /// A site: a namespace with a TAP, and the VM running in it.
 #[derive(Debug)]
 pub struct FtkvSite {
@@ -232,6 +320,14 @@ impl FtkvSite {
             vm: None,
             config,
         })
+    }
+
+    /// A site whose VM runs ftkv on a fresh 64 MiB disk in `dir`; VM not started.
+    pub fn with_new_disk(prefix: &str, dir: &Path) -> Result<Self> {
+        let disk = dir.join("ftkv.img");
+        create_disk(&disk, "64M")?;
+        let config = ftkv_config(dir, &disk, FTKV_MEMORY_MIB, FTKV_MAXMEMORY)?;
+        Self::new(prefix, config)
     }
 
     /// Starts `ftvm <args...> --config <config>` in the namespace and waits for PING.
@@ -264,5 +360,37 @@ impl FtkvSite {
 
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         redis_cli(&self.ns, args)
+    }
+
+    /// One `redis-cli <extra...>` connection to the guest, reading commands
+    /// from its stdin (ended by `timeout` if a test goes wrong).
+    pub fn spawn_cli(&self, extra: &[&str]) -> Result<Child> {
+        let child = self
+            .ns
+            .command("timeout")
+            .args(["120", "redis-cli", "-h", GUEST_IP])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(child)
+    }
+
+    /// Feeds `commands` (one per line) to one `redis-cli <extra...>`
+    /// connection; returns its output lines.
+    pub fn pipe_cli(&self, extra: &[&str], commands: &str) -> Result<Vec<String>> {
+        use std::io::Write;
+        let mut child = self.spawn_cli(extra)?;
+        child
+            .stdin
+            .take()
+            .context("redis-cli stdin")?
+            .write_all(commands.as_bytes())?;
+        let out = child.wait_with_output()?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect())
     }
 }

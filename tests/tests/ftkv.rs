@@ -4,50 +4,24 @@
 
 use ftvm_tests::site::{self, FtkvSite, Guard, GUEST_IP};
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn ready(test: &str) -> bool {
-    ftvm_tests::kvm_available(test)
-        && site::root_available(test)
-        && site::tool_available(test, "redis-cli", "redis-tools")
-}
+use site::ftkv_ready as ready;
 
 /// A fresh site with a 64 MiB disk, VM not started.
 fn site(prefix: &str, dir: &std::path::Path) -> FtkvSite {
-    let disk = dir.join("ftkv.img");
-    site::create_disk(&disk, "64M").unwrap();
-    let cfg = site::ftkv_config(dir, &disk, site::FTKV_MEMORY_MIB).unwrap();
-    FtkvSite::new(prefix, cfg).unwrap()
+    FtkvSite::with_new_disk(prefix, dir).unwrap()
 }
 
 /// One redis-cli connection in the site's namespace, reading commands from
-/// its stdin (ended by `timeout` if the test goes wrong).
+/// its stdin.
 fn spawn_cli(s: &FtkvSite) -> std::process::Child {
-    s.ns.command("timeout")
-        .args(["120", "redis-cli", "-h", GUEST_IP])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    s.spawn_cli(&[]).unwrap()
 }
 
-/// Feeds `commands` (one per line) to one redis-cli connection in the site's
-/// namespace; returns its reply lines.
+/// Feeds `commands` (one per line) to one redis-cli connection; its reply lines.
 fn pipe_cli(s: &FtkvSite, commands: &str) -> Vec<String> {
-    let mut child = spawn_cli(s);
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(commands.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    s.pipe_cli(&[], commands).unwrap()
 }
 
 #[test]
@@ -228,37 +202,6 @@ fn redis_benchmark_completes_without_errors() {
     s.stop().unwrap();
 }
 
-const HOSTILE: &str = r#"
-import socket, sys
-ip = sys.argv[1]
-def conn():
-    s = socket.create_connection((ip, 6379), timeout=10)
-    return s
-def reply(s):
-    s.settimeout(10)
-    data = b""
-    try:
-        while not data.endswith(b"\r\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except socket.timeout:
-        pass
-    return data
-s = conn(); s.sendall(bytes(range(256)) * 4); r = reply(s); s.close()
-assert r.startswith(b"-ERR"), r
-s = conn(); s.sendall(b"*1\r\n$2147483648\r\n"); r = reply(s); s.close()
-assert r.startswith(b"-ERR"), r
-s = conn(); s.sendall(b"*3\r\n$3\r\nSET\r\n$3\r\nkey\r\n$10\r\nabc"); s.close()
-for i in range(10000):
-    c = socket.create_connection((ip, 6379), timeout=10)
-    c.close()
-s = conn(); s.sendall(b"PING\r\n"); r = reply(s); s.close()
-assert r == b"+PONG\r\n", r
-print("hostile: done")
-"#;
-
 #[test]
 fn hostile_clients_leave_ftkv_serving() {
     if !ready("hostile_clients_leave_ftkv_serving")
@@ -276,7 +219,9 @@ fn hostile_clients_leave_ftkv_serving() {
 
     let out =
         s.ns.command("timeout")
-            .args(["300", "python3", "-c", HOSTILE, GUEST_IP])
+            .args(["300", "python3"])
+            .arg(ftvm_tests::repo_root().join("tests/clients/hostile.py"))
+            .arg(GUEST_IP)
             .output()
             .unwrap();
     assert!(
@@ -317,28 +262,9 @@ fn network_and_disk_traffic_replays_and_a_flipped_frame_diverges() {
         .collect();
     let replies = pipe_cli(&s, &script);
     assert_eq!(replies.len(), 600);
-    let out = s.stop().unwrap();
-    let record = out
-        .lines()
-        .find(|l| l.starts_with("record: "))
-        .unwrap()
-        .to_string();
-    let root = out
-        .lines()
-        .find(|l| l.starts_with("disk: root="))
-        .unwrap()
-        .to_string();
-
-    let replay = |log: &std::path::Path, disk: &std::path::Path| {
-        let o = Command::new(ftvm_tests::bin("ftvm"))
-            .args(["replay", "--config", s.config.to_str().unwrap(), "--log"])
-            .arg(log)
-            .arg("--disk")
-            .arg(disk)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let (record, root) = site::record_summary(&s.stop().unwrap()).unwrap();
+    let replay =
+        |log: &std::path::Path, disk: &std::path::Path| site::replay(&s.config, log, disk).unwrap();
     let replay_disk = dir.path().join("replay.img");
     std::fs::copy(&start_copy, &replay_disk).unwrap();
     let out = replay(&log_path, &replay_disk);

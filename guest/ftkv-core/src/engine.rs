@@ -13,10 +13,7 @@
 //! ([`Engine::apply_record`]) never consults the clock.
 
 use crate::aof;
-use crate::resp::{
-    parse_i64, push_array_len, push_bulk, push_error, push_error_bytes, push_int, push_null,
-    push_simple,
-};
+use crate::resp::{parse_i64, push_error_bytes, push_simple, Protocol, Reply};
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -56,7 +53,7 @@ pub struct Execution {
 }
 
 impl Execution {
-    fn reply(reply: Vec<u8>) -> Self {
+    fn bytes(reply: Vec<u8>) -> Self {
         Execution {
             reply,
             log: None,
@@ -64,16 +61,83 @@ impl Execution {
         }
     }
 
+    fn reply(reply: Reply) -> Self {
+        Self::bytes(reply.into_bytes())
+    }
+
     fn error(message: &str) -> Self {
+        Self::error_bytes(message.as_bytes())
+    }
+
+    /// An error whose message holds bytes a client sent (CR and LF become spaces).
+    fn error_bytes(message: &[u8]) -> Self {
         let mut r = Vec::new();
-        push_error(&mut r, message);
-        Self::reply(r)
+        push_error_bytes(&mut r, message);
+        Self::bytes(r)
     }
 
     fn ok() -> Self {
         let mut r = Vec::new();
         push_simple(&mut r, "OK");
-        Self::reply(r)
+        Self::bytes(r)
+    }
+}
+
+/// What ftkv reports as its Redis version (INFO, HELLO).
+pub const REDIS_VERSION: &str = "7.0.0-ftkv";
+
+/// Per-connection state: the reply protocol (`HELLO`), the client id and
+/// the names a client gives itself (`CLIENT SETNAME`, `CLIENT SETINFO`).
+/// The glue keeps one per connection and passes it to [`Engine::execute`].
+/// (`Default`: id 0, for a slot with no connection yet.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Session {
+    proto: Protocol,
+    id: u64,
+    name: Option<Vec<u8>>,
+    lib_name: Option<Vec<u8>>,
+    lib_ver: Option<Vec<u8>>,
+}
+
+impl Session {
+    /// A new connection: RESP2, no name. `id` is what `CLIENT ID` and
+    /// `HELLO` report; the glue numbers connections 1, 2, 3... (a counter,
+    /// so replay gives the same ids).
+    pub fn new(id: u64) -> Self {
+        Session {
+            proto: Protocol::Resp2,
+            id,
+            name: None,
+            lib_name: None,
+            lib_ver: None,
+        }
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.proto
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn name(&self) -> Option<&[u8]> {
+        self.name.as_deref()
+    }
+
+    /// `(lib-name, lib-ver)` from `CLIENT SETINFO`.
+    pub fn library(&self) -> (Option<&[u8]>, Option<&[u8]>) {
+        (self.lib_name.as_deref(), self.lib_ver.as_deref())
+    }
+
+    /// An empty reply in this connection's protocol.
+    fn reply(&self) -> Reply {
+        Reply::new(self.proto)
+    }
+
+    /// An empty name clears it, as in Redis.
+    fn set_name(&mut self, name: &[u8]) {
+        self.name = (!name.is_empty()).then(|| name.to_vec());
     }
 }
 
@@ -86,6 +150,11 @@ pub mod errors {
     pub const DISK_FULL: &str = "ERR disk full";
     pub const DISK_ERROR: &str = "ERR disk error: writes are refused";
     pub const INVALID_EXPIRE_SET: &str = "ERR invalid expire time in 'set' command";
+    pub const DB_OUT_OF_RANGE: &str = "ERR DB index is out of range";
+    pub const AUTH_WITHOUT_PASSWORD: &str = "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?";
+    pub const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
+    pub const BAD_CLIENT_NAME: &str =
+        "ERR Client names cannot contain spaces, newlines or special characters.";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,7 +210,7 @@ impl Default for Engine {
     }
 }
 
-type Handler = fn(&mut Engine, &[Vec<u8>], u64) -> Execution;
+type Handler = fn(&mut Engine, &mut Session, &[Vec<u8>], u64) -> Execution;
 
 struct Spec {
     name: &'static str,
@@ -212,6 +281,31 @@ const COMMANDS: &[Spec] = &[
         handler: Engine::cmd_mset,
     },
     Spec {
+        name: "expire",
+        arity: -3,
+        handler: Engine::cmd_expire,
+    },
+    Spec {
+        name: "pexpire",
+        arity: -3,
+        handler: Engine::cmd_pexpire,
+    },
+    Spec {
+        name: "expireat",
+        arity: -3,
+        handler: Engine::cmd_expireat,
+    },
+    Spec {
+        name: "pexpireat",
+        arity: -3,
+        handler: Engine::cmd_pexpireat,
+    },
+    Spec {
+        name: "persist",
+        arity: 2,
+        handler: Engine::cmd_persist,
+    },
+    Spec {
         name: "ttl",
         arity: 2,
         handler: Engine::cmd_ttl,
@@ -255,6 +349,16 @@ const COMMANDS: &[Spec] = &[
         name: "select",
         arity: 2,
         handler: Engine::cmd_select,
+    },
+    Spec {
+        name: "auth",
+        arity: -2,
+        handler: Engine::cmd_auth,
+    },
+    Spec {
+        name: "hello",
+        arity: -1,
+        handler: Engine::cmd_hello,
     },
     Spec {
         name: "client",
@@ -371,9 +475,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs one command at time `now_ms` (ms on a clock that never goes back,
-    /// also across restarts: absolute expiry times are stored in the log).
-    pub fn execute(&mut self, args: &[Vec<u8>], now_ms: u64) -> Execution {
+    /// Runs one command of the connection `session` at time `now_ms` (ms on
+    /// a clock that never goes back, also across restarts: absolute expiry
+    /// times are stored in the log). The reply is in the session's protocol.
+    pub fn execute(&mut self, session: &mut Session, args: &[Vec<u8>], now_ms: u64) -> Execution {
         self.stats.commands += 1;
         let Some(name) = args.first() else {
             return Execution::error("ERR empty command");
@@ -388,7 +493,7 @@ impl Engine {
         if (spec.arity > 0 && n != spec.arity) || (spec.arity < 0 && n < -spec.arity) {
             return wrong_arity(spec.name);
         }
-        (spec.handler)(self, args, now_ms)
+        (spec.handler)(self, session, args, now_ms)
     }
 
     // ---- keyspace primitives ----
@@ -466,7 +571,7 @@ impl Engine {
     }
 
     /// Checks limits, logs and applies a mutation; `reply` is sent on success.
-    fn commit(&mut self, m: Mutation, reply: Vec<u8>) -> Execution {
+    fn commit(&mut self, m: Mutation, reply: Reply) -> Execution {
         if self.write_error {
             return Execution::error(errors::DISK_ERROR);
         }
@@ -487,7 +592,7 @@ impl Engine {
         }
         self.apply(m);
         Execution {
-            reply,
+            reply: reply.into_bytes(),
             log: Some(payload),
             close: false,
         }
@@ -495,42 +600,42 @@ impl Engine {
 
     // ---- commands ----
 
-    fn cmd_ping(&mut self, args: &[Vec<u8>], _now: u64) -> Execution {
-        let mut r = Vec::new();
+    fn cmd_ping(&mut self, s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
+        let mut r = s.reply();
         match args {
-            [_] => push_simple(&mut r, "PONG"),
-            [_, msg] => push_bulk(&mut r, msg),
+            [_] => r.simple("PONG"),
+            [_, msg] => r.bulk(msg),
             _ => return wrong_arity("ping"),
         }
         Execution::reply(r)
     }
 
-    fn cmd_echo(&mut self, args: &[Vec<u8>], _now: u64) -> Execution {
-        let mut r = Vec::new();
-        push_bulk(&mut r, &args[1]);
+    fn cmd_echo(&mut self, s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
+        let mut r = s.reply();
+        r.bulk(&args[1]);
         Execution::reply(r)
     }
 
-    fn cmd_get(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
-        let mut r = Vec::new();
+    fn cmd_get(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        let mut r = s.reply();
         self.push_value(&mut r, &args[1], now);
         Execution::reply(r)
     }
 
-    fn push_value(&mut self, r: &mut Vec<u8>, key: &[u8], now: u64) {
+    fn push_value(&mut self, r: &mut Reply, key: &[u8], now: u64) {
         match self.live(key, now) {
             Some(e) => {
-                push_bulk(r, &e.value);
+                r.bulk(&e.value);
                 self.stats.hits += 1;
             }
             None => {
-                push_null(r);
+                r.null();
                 self.stats.misses += 1;
             }
         }
     }
 
-    fn cmd_set(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
+    fn cmd_set(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
         #[derive(PartialEq)]
         enum Cond {
             Always,
@@ -588,9 +693,9 @@ impl Engine {
             Cond::Nx => existing.is_none(),
             Cond::Xx => existing.is_some(),
         };
+        let mut r = s.reply();
         if !proceed {
-            let mut r = Vec::new();
-            push_null(&mut r);
+            r.null();
             return Execution::reply(r);
         }
         let expire_at = match ttl {
@@ -598,8 +703,7 @@ impl Engine {
             Ttl::Keep => existing.flatten(),
             Ttl::At(at) => Some(at),
         };
-        let mut r = Vec::new();
-        push_simple(&mut r, "OK");
+        r.simple("OK");
         self.commit(
             Mutation::Set {
                 key: key.clone(),
@@ -610,34 +714,34 @@ impl Engine {
         )
     }
 
-    fn cmd_del(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
+    fn cmd_del(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
         let mut gone: Vec<Vec<u8>> = Vec::new();
         for key in &args[1..] {
             if !gone.contains(key) && self.live(key, now).is_some() {
                 gone.push(key.clone());
             }
         }
-        let mut r = Vec::new();
-        push_int(&mut r, gone.len() as i64);
+        let mut r = s.reply();
+        r.int(gone.len() as i64);
         if gone.is_empty() {
             return Execution::reply(r);
         }
         self.commit(Mutation::Del(gone), r)
     }
 
-    fn cmd_exists(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
+    fn cmd_exists(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
         let mut n = 0;
         for key in &args[1..] {
             if self.live(key, now).is_some() {
                 n += 1;
             }
         }
-        let mut r = Vec::new();
-        push_int(&mut r, n);
+        let mut r = s.reply();
+        r.int(n);
         Execution::reply(r)
     }
 
-    fn incr_by(&mut self, key: &[u8], by: i64, now: u64) -> Execution {
+    fn incr_by(&mut self, s: &Session, key: &[u8], by: i64, now: u64) -> Execution {
         let (current, expire_at) = match self.live(key, now) {
             None => (0, None),
             Some(e) => match parse_i64(&e.value) {
@@ -650,8 +754,8 @@ impl Engine {
         };
         let mut value = Vec::new();
         crate::resp::push_decimal(&mut value, new);
-        let mut r = Vec::new();
-        push_int(&mut r, new);
+        let mut r = s.reply();
+        r.int(new);
         self.commit(
             Mutation::Set {
                 key: key.to_vec(),
@@ -662,39 +766,39 @@ impl Engine {
         )
     }
 
-    fn cmd_incr(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
-        self.incr_by(&args[1], 1, now)
+    fn cmd_incr(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        self.incr_by(s, &args[1], 1, now)
     }
 
-    fn cmd_decr(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
-        self.incr_by(&args[1], -1, now)
+    fn cmd_decr(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        self.incr_by(s, &args[1], -1, now)
     }
 
-    fn cmd_incrby(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
+    fn cmd_incrby(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
         match parse_i64(&args[2]) {
-            Some(by) => self.incr_by(&args[1], by, now),
+            Some(by) => self.incr_by(s, &args[1], by, now),
             None => Execution::error(errors::NOT_INTEGER),
         }
     }
 
-    fn cmd_decrby(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
+    fn cmd_decrby(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
         match parse_i64(&args[2]) {
             Some(i64::MIN) => Execution::error("ERR decrement would overflow"),
-            Some(by) => self.incr_by(&args[1], -by, now),
+            Some(by) => self.incr_by(s, &args[1], -by, now),
             None => Execution::error(errors::NOT_INTEGER),
         }
     }
 
-    fn cmd_mget(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
-        let mut r = Vec::new();
-        push_array_len(&mut r, args.len() - 1);
+    fn cmd_mget(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        let mut r = s.reply();
+        r.array(args.len() - 1);
         for key in &args[1..] {
             self.push_value(&mut r, key, now);
         }
         Execution::reply(r)
     }
 
-    fn cmd_mset(&mut self, args: &[Vec<u8>], _now: u64) -> Execution {
+    fn cmd_mset(&mut self, s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
         if args.len().is_multiple_of(2) {
             return wrong_arity("mset");
         }
@@ -702,9 +806,125 @@ impl Engine {
             .chunks_exact(2)
             .map(|kv| (kv[0].clone(), kv[1].clone()))
             .collect();
-        let mut r = Vec::new();
-        push_simple(&mut r, "OK");
+        let mut r = s.reply();
+        r.simple("OK");
         self.commit(Mutation::MSet(pairs), r)
+    }
+
+    /// EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT: `to_ms` turns the argument
+    /// into an absolute time in ms (None: overflow). Logged as the key's
+    /// new state: a SET with the new expiry, or a DEL when the time has
+    /// passed already (as Redis does).
+    fn expire(
+        &mut self,
+        s: &Session,
+        args: &[Vec<u8>],
+        now: u64,
+        name: &str,
+        to_ms: fn(i64, u64) -> Option<i64>,
+    ) -> Execution {
+        let Some(n) = parse_i64(&args[2]) else {
+            return Execution::error(errors::NOT_INTEGER);
+        };
+        let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+        for opt in &args[3..] {
+            match opt.to_ascii_uppercase().as_slice() {
+                b"NX" => nx = true,
+                b"XX" => xx = true,
+                b"GT" => gt = true,
+                b"LT" => lt = true,
+                _ => {
+                    let mut msg = b"ERR Unsupported option ".to_vec();
+                    msg.extend_from_slice(&opt[..opt.len().min(128)]);
+                    return Execution::error_bytes(&msg);
+                }
+            }
+        }
+        if nx && (xx || gt || lt) {
+            return Execution::error(
+                "ERR NX and XX, GT or LT options at the same time are not compatible",
+            );
+        }
+        if gt && lt {
+            return Execution::error("ERR GT and LT options at the same time are not compatible");
+        }
+        let Some(at) = to_ms(n, now) else {
+            return Execution::error(&alloc::format!(
+                "ERR invalid expire time in '{name}' command"
+            ));
+        };
+        let key = &args[1];
+        let mut r = s.reply();
+        let Some(current) = self.live(key, now).map(|e| e.expire_at) else {
+            r.int(0);
+            return Execution::reply(r);
+        };
+        // No expiry counts as an infinite one for GT and LT.
+        let allowed = match current {
+            None => !(xx || gt),
+            Some(old) => !nx && (!gt || at > old as i64) && (!lt || at < old as i64),
+        };
+        if !allowed {
+            r.int(0);
+            return Execution::reply(r);
+        }
+        r.int(1);
+        if at <= now as i64 {
+            return self.commit(Mutation::Del(alloc::vec![key.clone()]), r);
+        }
+        let value = self
+            .map
+            .get(key)
+            .map(|e| e.value.clone())
+            .unwrap_or_default();
+        self.commit(
+            Mutation::Set {
+                key: key.clone(),
+                value,
+                expire_at: Some(at as u64),
+            },
+            r,
+        )
+    }
+
+    fn cmd_expire(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        self.expire(s, args, now, "expire", |n, now| {
+            n.checked_mul(1000)?.checked_add(now as i64)
+        })
+    }
+
+    fn cmd_pexpire(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        self.expire(s, args, now, "pexpire", |n, now| n.checked_add(now as i64))
+    }
+
+    fn cmd_expireat(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        self.expire(s, args, now, "expireat", |n, _| n.checked_mul(1000))
+    }
+
+    fn cmd_pexpireat(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        self.expire(s, args, now, "pexpireat", |n, _| Some(n))
+    }
+
+    fn cmd_persist(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        let key = &args[1];
+        let mut r = s.reply();
+        let Some(Entry {
+            value,
+            expire_at: Some(_),
+        }) = self.live(key, now).cloned()
+        else {
+            r.int(0);
+            return Execution::reply(r);
+        };
+        r.int(1);
+        self.commit(
+            Mutation::Set {
+                key: key.clone(),
+                value,
+                expire_at: None,
+            },
+            r,
+        )
     }
 
     fn ttl_ms(&mut self, key: &[u8], now: u64) -> i64 {
@@ -720,39 +940,39 @@ impl Engine {
         }
     }
 
-    fn cmd_ttl(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
+    fn cmd_ttl(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
         let ms = self.ttl_ms(&args[1], now);
-        let mut r = Vec::new();
-        push_int(&mut r, if ms < 0 { ms } else { (ms + 500) / 1000 });
+        let mut r = s.reply();
+        r.int(if ms < 0 { ms } else { (ms + 500) / 1000 });
         Execution::reply(r)
     }
 
-    fn cmd_pttl(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
+    fn cmd_pttl(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
         let ms = self.ttl_ms(&args[1], now);
-        let mut r = Vec::new();
-        push_int(&mut r, ms);
+        let mut r = s.reply();
+        r.int(ms);
         Execution::reply(r)
     }
 
-    fn cmd_dbsize(&mut self, _args: &[Vec<u8>], now: u64) -> Execution {
-        let mut r = Vec::new();
-        push_int(&mut r, self.dbsize(now) as i64);
+    fn cmd_dbsize(&mut self, s: &mut Session, _args: &[Vec<u8>], now: u64) -> Execution {
+        let mut r = s.reply();
+        r.int(self.dbsize(now) as i64);
         Execution::reply(r)
     }
 
-    fn cmd_flushall(&mut self, args: &[Vec<u8>], _now: u64) -> Execution {
+    fn cmd_flushall(&mut self, s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
         match args {
             [_] => {}
             [_, mode]
                 if mode.eq_ignore_ascii_case(b"sync") || mode.eq_ignore_ascii_case(b"async") => {}
             _ => return Execution::error(errors::SYNTAX),
         }
-        let mut r = Vec::new();
-        push_simple(&mut r, "OK");
+        let mut r = s.reply();
+        r.simple("OK");
         self.commit(Mutation::FlushAll, r)
     }
 
-    fn cmd_info(&mut self, args: &[Vec<u8>], now: u64) -> Execution {
+    fn cmd_info(&mut self, session: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
         let wanted = |section: &str| {
             args.len() == 1
                 || args[1..].iter().any(|a| {
@@ -784,7 +1004,7 @@ impl Engine {
         section("server", &|s| {
             let _ = write!(
                 s,
-                "redis_version:7.0.0-ftkv\r\nredis_mode:standalone\r\nftkv_version:{}\r\nuptime_in_seconds:{}\r\n",
+                "redis_version:{REDIS_VERSION}\r\nredis_mode:standalone\r\nftkv_version:{}\r\nuptime_in_seconds:{}\r\n",
                 env!("CARGO_PKG_VERSION"),
                 now / 1000
             );
@@ -824,31 +1044,32 @@ impl Engine {
                 let _ = write!(s, "db0:keys={keys},expires={expires},avg_ttl=0\r\n");
             }
         });
-        let mut r = Vec::new();
-        push_bulk(&mut r, s.as_bytes());
+        let mut r = session.reply();
+        r.verbatim_text(s.as_bytes());
         Execution::reply(r)
     }
 
-    fn cmd_command(&mut self, args: &[Vec<u8>], _now: u64) -> Execution {
-        let mut r = Vec::new();
+    fn cmd_command(&mut self, s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
+        let mut r = s.reply();
         match args.get(1) {
-            None => push_array_len(&mut r, 0),
-            Some(sub) if sub.eq_ignore_ascii_case(b"count") => {
-                push_int(&mut r, COMMANDS.len() as i64)
+            None => r.array(0),
+            Some(sub) if sub.eq_ignore_ascii_case(b"count") => r.int(COMMANDS.len() as i64),
+            // No documentation: clients then show no hints.
+            Some(sub) if sub.eq_ignore_ascii_case(b"docs") => r.map(0),
+            // Like Redis for a command it does not know: a null per name.
+            Some(sub) if sub.eq_ignore_ascii_case(b"info") => {
+                r.array(args.len() - 2);
+                for _ in &args[2..] {
+                    r.null();
+                }
             }
-            Some(sub)
-                if sub.eq_ignore_ascii_case(b"docs")
-                    || sub.eq_ignore_ascii_case(b"info")
-                    || sub.eq_ignore_ascii_case(b"list") =>
-            {
-                push_array_len(&mut r, 0)
-            }
+            Some(sub) if sub.eq_ignore_ascii_case(b"list") => r.array(0),
             Some(sub) => return unknown_subcommand(sub, "COMMAND"),
         }
         Execution::reply(r)
     }
 
-    fn cmd_config(&mut self, args: &[Vec<u8>], _now: u64) -> Execution {
+    fn cmd_config(&mut self, s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
         let sub = &args[1];
         if sub.eq_ignore_ascii_case(b"get") {
             if args.len() < 3 {
@@ -874,11 +1095,11 @@ impl Engine {
                     }
                 }
             }
-            let mut r = Vec::new();
-            push_array_len(&mut r, found.len() * 2);
+            let mut r = s.reply();
+            r.map(found.len());
             for (name, value) in found {
-                push_bulk(&mut r, name.as_bytes());
-                push_bulk(&mut r, value);
+                r.bulk(name.as_bytes());
+                r.bulk(value);
             }
             Execution::reply(r)
         } else if sub.eq_ignore_ascii_case(b"resetstat") {
@@ -891,45 +1112,167 @@ impl Engine {
         }
     }
 
-    fn cmd_select(&mut self, args: &[Vec<u8>], _now: u64) -> Execution {
+    fn cmd_select(&mut self, _s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
         match parse_i64(&args[1]) {
             Some(0) => Execution::ok(),
-            Some(_) => Execution::error("ERR DB index is out of range"),
+            Some(_) => Execution::error(errors::DB_OUT_OF_RANGE),
             None => Execution::error(errors::NOT_INTEGER),
         }
     }
 
-    fn cmd_client(&mut self, args: &[Vec<u8>], _now: u64) -> Execution {
+    /// `AUTH [user] password`. ftkv has no passwords, like a Redis whose
+    /// default user is `nopass`: the user `default` is accepted with any
+    /// password, the one-argument form is refused as Redis refuses it.
+    fn cmd_auth(&mut self, _s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
+        match args {
+            [_, _] => Execution::error(errors::AUTH_WITHOUT_PASSWORD),
+            [_, user, _] => match authenticate(user) {
+                Ok(()) => Execution::ok(),
+                Err(e) => Execution::error(e),
+            },
+            _ => Execution::error(errors::SYNTAX),
+        }
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: switches the
+    /// connection's protocol and answers with the server map, in the new
+    /// protocol. Nothing changes unless every option is valid.
+    fn cmd_hello(&mut self, s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
+        let mut proto = s.proto;
+        if let Some(v) = args.get(1) {
+            proto = match parse_i64(v) {
+                Some(2) => Protocol::Resp2,
+                Some(3) => Protocol::Resp3,
+                Some(_) => return Execution::error("NOPROTO unsupported protocol version"),
+                None => {
+                    return Execution::error(
+                        "ERR Protocol version is not an integer or out of range",
+                    )
+                }
+            };
+        }
+        let mut name = None;
+        let mut i = 2;
+        while i < args.len() {
+            let more = args.len() - 1 - i;
+            let opt = &args[i];
+            if opt.eq_ignore_ascii_case(b"auth") && more >= 2 {
+                if let Err(e) = authenticate(&args[i + 1]) {
+                    return Execution::error(e);
+                }
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"setname") && more >= 1 {
+                if !valid_attribute(&args[i + 1]) {
+                    return Execution::error(errors::BAD_CLIENT_NAME);
+                }
+                name = Some(&args[i + 1]);
+                i += 2;
+            } else {
+                let mut msg = b"ERR Syntax error in HELLO option '".to_vec();
+                msg.extend_from_slice(&opt[..opt.len().min(128)]);
+                msg.push(b'\'');
+                return Execution::error_bytes(&msg);
+            }
+        }
+        if let Some(name) = name {
+            s.set_name(name);
+        }
+        s.proto = proto;
+        let mut r = s.reply();
+        r.map(7);
+        r.bulk(b"server");
+        r.bulk(b"redis");
+        r.bulk(b"version");
+        r.bulk(REDIS_VERSION.as_bytes());
+        r.bulk(b"proto");
+        r.int(proto.version());
+        r.bulk(b"id");
+        r.int(s.id as i64);
+        r.bulk(b"mode");
+        r.bulk(b"standalone");
+        r.bulk(b"role");
+        r.bulk(b"master");
+        r.bulk(b"modules");
+        r.array(0);
+        Execution::reply(r)
+    }
+
+    fn cmd_client(&mut self, s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
         let sub = &args[1];
+        let mut r = s.reply();
         if sub.eq_ignore_ascii_case(b"setname") {
             if args.len() != 3 {
                 return wrong_arity("client|setname");
             }
-            if args[2].iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
-                return Execution::error(
-                    "ERR Client names cannot contain spaces, newlines or special characters.",
-                );
+            if !valid_attribute(&args[2]) {
+                return Execution::error(errors::BAD_CLIENT_NAME);
             }
-            Execution::ok()
+            s.set_name(&args[2]);
+            return Execution::ok();
         } else if sub.eq_ignore_ascii_case(b"getname") {
-            let mut r = Vec::new();
-            push_null(&mut r);
-            Execution::reply(r)
+            if args.len() != 2 {
+                return wrong_arity("client|getname");
+            }
+            match &s.name {
+                Some(name) => r.bulk(name),
+                None => r.null(),
+            }
+        } else if sub.eq_ignore_ascii_case(b"id") {
+            if args.len() != 2 {
+                return wrong_arity("client|id");
+            }
+            r.int(s.id as i64);
         } else if sub.eq_ignore_ascii_case(b"setinfo") {
+            // Redis 7.2's CLIENT SETINFO: the library's name and version.
             if args.len() != 4 {
                 return wrong_arity("client|setinfo");
             }
-            Execution::ok()
+            let (attr, value) = (&args[2], &args[3]);
+            let slot = if attr.eq_ignore_ascii_case(b"lib-name") {
+                &mut s.lib_name
+            } else if attr.eq_ignore_ascii_case(b"lib-ver") {
+                &mut s.lib_ver
+            } else {
+                let mut msg = b"ERR Unrecognized option '".to_vec();
+                msg.extend_from_slice(&attr[..attr.len().min(128)]);
+                msg.push(b'\'');
+                return Execution::error_bytes(&msg);
+            };
+            if !valid_attribute(value) {
+                let mut msg = b"ERR ".to_vec();
+                msg.extend_from_slice(attr);
+                msg.extend_from_slice(b" cannot contain spaces, newlines or special characters.");
+                return Execution::error_bytes(&msg);
+            }
+            *slot = (!value.is_empty()).then(|| value.clone());
+            return Execution::ok();
         } else {
-            unknown_subcommand(sub, "CLIENT")
+            return unknown_subcommand(sub, "CLIENT");
         }
+        Execution::reply(r)
     }
 
-    fn cmd_quit(&mut self, _args: &[Vec<u8>], _now: u64) -> Execution {
+    fn cmd_quit(&mut self, _s: &mut Session, _args: &[Vec<u8>], _now: u64) -> Execution {
         let mut e = Execution::ok();
         e.close = true;
         e
     }
+}
+
+/// Checks a user name against ftkv's one user, `default`, which has no
+/// password (any password is accepted for it, as for Redis's `nopass`).
+fn authenticate(user: &[u8]) -> Result<(), &'static str> {
+    if user == b"default" {
+        Ok(())
+    } else {
+        Err(errors::WRONGPASS)
+    }
+}
+
+/// Client names and library attributes: printable ASCII without spaces
+/// (Redis's rule); empty clears.
+fn valid_attribute(value: &[u8]) -> bool {
+    value.iter().all(|b| (b'!'..=b'~').contains(b))
 }
 
 fn is_expired(e: &Entry, now: u64) -> bool {
@@ -958,9 +1301,7 @@ fn unknown_command(args: &[Vec<u8>]) -> Execution {
         shown.extend_from_slice(b"' ");
     }
     msg.extend_from_slice(&shown);
-    let mut r = Vec::new();
-    push_error_bytes(&mut r, &msg);
-    Execution::reply(r)
+    Execution::error_bytes(&msg)
 }
 
 fn unknown_subcommand(sub: &[u8], command: &str) -> Execution {
@@ -969,9 +1310,7 @@ fn unknown_subcommand(sub: &[u8], command: &str) -> Execution {
     msg.extend_from_slice(b"'. Try ");
     msg.extend_from_slice(command.as_bytes());
     msg.extend_from_slice(b" HELP.");
-    let mut r = Vec::new();
-    push_error_bytes(&mut r, &msg);
-    Execution::reply(r)
+    Execution::error_bytes(&msg)
 }
 
 /// `*` and `?` glob matching (for CONFIG GET): iterative, so no pattern

@@ -1,5 +1,10 @@
-//! RESP2: an incremental request parser with strict limits, and reply
-//! builders.
+//! RESP: an incremental request parser with strict limits, and reply
+//! builders for RESP2 and RESP3.
+//!
+//! Requests look the same in both protocol versions; replies differ. A
+//! connection speaks RESP2 until it negotiates RESP3 with `HELLO 3`
+//! ([`crate::engine::Session`]); [`Reply`] then encodes nulls, maps and
+//! verbatim strings the RESP3 way.
 //!
 //! One [`Parser`] per connection. The glue [`Parser::feed`]s the bytes it
 //! received and calls [`Parser::next_command`] until it returns `Ok(None)`.
@@ -493,6 +498,104 @@ fn hex(c: u8) -> u8 {
 
 // ---- replies ----
 
+/// The reply protocol of a connection, chosen with `HELLO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// What every connection starts with.
+    #[default]
+    Resp2,
+    Resp3,
+}
+
+impl Protocol {
+    /// The number `HELLO` takes and reports (`proto`).
+    pub fn version(self) -> i64 {
+        match self {
+            Protocol::Resp2 => 2,
+            Protocol::Resp3 => 3,
+        }
+    }
+}
+
+/// One command's reply, encoded for the connection's [`Protocol`]. Types
+/// both versions share (simple strings, errors, integers, bulk strings,
+/// arrays) encode the same; a null is `$-1` in RESP2 and `_` in RESP3, a
+/// map a flat array of keys and values in RESP2, a verbatim string a bulk
+/// string in RESP2.
+#[derive(Debug)]
+pub struct Reply {
+    out: Vec<u8>,
+    proto: Protocol,
+}
+
+impl Reply {
+    pub fn new(proto: Protocol) -> Self {
+        Reply {
+            out: Vec::new(),
+            proto,
+        }
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.out
+    }
+
+    pub fn simple(&mut self, text: &str) {
+        push_simple(&mut self.out, text);
+    }
+
+    pub fn error(&mut self, message: &str) {
+        push_error(&mut self.out, message);
+    }
+
+    pub fn int(&mut self, n: i64) {
+        push_int(&mut self.out, n);
+    }
+
+    pub fn bulk(&mut self, data: &[u8]) {
+        push_bulk(&mut self.out, data);
+    }
+
+    /// A missing value: `$-1` / `_`.
+    pub fn null(&mut self) {
+        match self.proto {
+            Protocol::Resp2 => push_null(&mut self.out),
+            Protocol::Resp3 => self.out.extend_from_slice(b"_\r\n"),
+        }
+    }
+
+    /// An array of `n` elements, pushed next.
+    pub fn array(&mut self, n: usize) {
+        push_array_len(&mut self.out, n);
+    }
+
+    /// A map of `n` pairs, pushed next as key, value, key, value...
+    pub fn map(&mut self, n: usize) {
+        match self.proto {
+            Protocol::Resp2 => push_array_len(&mut self.out, 2 * n),
+            Protocol::Resp3 => {
+                self.out.push(b'%');
+                push_decimal(&mut self.out, n as i64);
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    /// Text for people (INFO): RESP3 `=len\r\ntxt:...`, RESP2 a bulk string.
+    pub fn verbatim_text(&mut self, text: &[u8]) {
+        match self.proto {
+            Protocol::Resp2 => push_bulk(&mut self.out, text),
+            Protocol::Resp3 => {
+                self.out.push(b'=');
+                push_decimal(&mut self.out, text.len() as i64 + 4);
+                self.out.extend_from_slice(b"\r\ntxt:");
+                self.out.extend_from_slice(text);
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+}
+
 /// `+text\r\n` (text must not contain CR or LF).
 pub fn push_simple(out: &mut Vec<u8>, text: &str) {
     out.push(b'+');
@@ -741,6 +844,32 @@ echo \"a b\\x41\\n\" 'c\\'d'\n*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n";
             o,
             b"+OK\r\n-ERR a  b\r\n:-42\r\n:-9223372036854775808\r\n$2\r\nhi\r\n$-1\r\n*0\r\n"
         );
+    }
+
+    #[test]
+    fn reply_types_encode_per_protocol() {
+        let build = |proto| {
+            let mut r = Reply::new(proto);
+            r.map(2);
+            r.bulk(b"a");
+            r.null();
+            r.bulk(b"b");
+            r.array(1);
+            r.int(7);
+            r.verbatim_text(b"x:1\r\n");
+            r.simple("OK");
+            r.error("ERR e");
+            r.into_bytes()
+        };
+        assert_eq!(
+            build(Protocol::Resp2),
+            b"*4\r\n$1\r\na\r\n$-1\r\n$1\r\nb\r\n*1\r\n:7\r\n$5\r\nx:1\r\n\r\n+OK\r\n-ERR e\r\n"
+        );
+        assert_eq!(
+            build(Protocol::Resp3),
+            b"%2\r\n$1\r\na\r\n_\r\n$1\r\nb\r\n*1\r\n:7\r\n=9\r\ntxt:x:1\r\n\r\n+OK\r\n-ERR e\r\n"
+        );
+        assert_eq!(Protocol::default(), Protocol::Resp2);
     }
 
     use crate::tests::Rng;

@@ -1,9 +1,10 @@
 //! **ftkv**, ftvm's reference guest: a Redis-compatible key-value server.
 //!
-//! RESP2 over TCP (smoltcp on virtio-net), the engine of `ftkv-core`, and an
-//! append-only log on the whole virtio-blk disk, replayed at boot. A write
-//! is acknowledged only after its log record was written and FLUSHed. See
-//! `guest/ftkv/README.md` for the command line, limits and exits per request.
+//! RESP2 and RESP3 (HELLO) over TCP (smoltcp on virtio-net), the engine of
+//! `ftkv-core`, and an append-only log on the whole virtio-blk disk,
+//! replayed at boot. A write is acknowledged only after its log record was
+//! written and FLUSHed. See `guest/ftkv/README.md` for the command line,
+//! limits and exits per request.
 
 #![no_std]
 #![no_main]

@@ -1,5 +1,6 @@
-//! The server loop: smoltcp TCP, one RESP parser per connection, the
-//! engine, group commit to the log, and the exits that drive the devices.
+//! The server loop: smoltcp TCP, one RESP parser and session per
+//! connection, the engine, group commit to the log, and the exits that
+//! drive the devices.
 //!
 //! One iteration:
 //!
@@ -28,7 +29,7 @@ use alloc::vec::Vec;
 
 use ftkv_core::aof::record_len;
 use ftkv_core::resp::{self, Limits};
-use ftkv_core::{Engine, Parser};
+use ftkv_core::{Engine, Parser, Session};
 use ftvm_guest_rt::{heap_stats, nop, now_ns, println, wait_until};
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
@@ -70,6 +71,8 @@ struct Conn {
     /// A connection is attached to the socket (established or closing).
     open: bool,
     parser: Parser,
+    /// Protocol version and names of the client (HELLO, CLIENT SETNAME).
+    session: Session,
     /// Replies ready to send; `out[out_pos..]` is not yet in the socket.
     out: Vec<u8>,
     out_pos: usize,
@@ -123,6 +126,9 @@ struct Server {
     failure_handled: bool,
     commits: u64,
     commands: u64,
+    /// Client ids handed out so far (CLIENT ID); a counter, so replay
+    /// hands out the same ones.
+    clients: u64,
 }
 
 pub fn run(settings: Settings, engine: Engine, log: Option<Aof>, mut device: NetDevice) -> i32 {
@@ -191,6 +197,7 @@ pub fn run(settings: Settings, engine: Engine, log: Option<Aof>, mut device: Net
         failure_handled: false,
         commits: 0,
         commands: 0,
+        clients: 0,
     };
     println!(
         "ftkv: {} connections, socket buffers {}+{} KiB, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, heap used {} KiB",
@@ -372,7 +379,12 @@ impl Server {
                 }
                 return;
             }
-            _ => conn.open = true,
+            _ if !conn.open => {
+                conn.open = true;
+                self.clients += 1;
+                conn.session = Session::new(self.clients);
+            }
+            _ => {}
         }
         loop {
             // Execute what is buffered, within the reply backlog.
@@ -422,7 +434,7 @@ impl Server {
             conn.held_count += 1;
             return;
         }
-        let exec = self.engine.execute(args, now_ms);
+        let exec = self.engine.execute(&mut conn.session, args, now_ms);
         if let Some(payload) = &exec.log {
             if let Some(log) = self.log.as_mut() {
                 if let Err(e) = log.append(payload) {

@@ -1,4 +1,4 @@
-use super::{args, Rng};
+use super::{args, execute_resp2, Rng};
 use crate::aof::{
     self, encode_header, parse_header, replay, AppendError, HeaderError, LogWriter, PendingWrite,
     Replayer, TornReason, MAX_BATCH, SECTOR,
@@ -76,7 +76,7 @@ impl Run {
     /// Executes a command, appending its record (if any) to the batch.
     fn exec(&mut self, cmd: &[Vec<u8>]) -> bool {
         self.now += 7;
-        let exec = self.engine.execute(cmd, self.now);
+        let exec = execute_resp2(&mut self.engine, cmd, self.now);
         match exec.log {
             Some(p) => {
                 self.writer.append(&p).unwrap();
@@ -217,7 +217,7 @@ fn torn_tail_at_every_cut_is_discarded_and_the_prefix_is_exact() {
             let mut e2 = e;
             e2.set_log_budget(Some(writer.remaining()));
             for cmd in [args(&["SET", "after", "1"]), args(&["INCR", "n0"])] {
-                let exec = e2.execute(&cmd, 1_000_000);
+                let exec = execute_resp2(&mut e2, &cmd, 1_000_000);
                 writer.append(&exec.log.unwrap()).unwrap();
             }
             let w = writer.take_pending().unwrap();
@@ -272,7 +272,7 @@ fn stale_records_of_an_older_log_are_not_read() {
     let mut writer = LogWriter::format(222, disk.len() as u64).unwrap();
     apply(&mut disk, &writer.take_pending().unwrap());
     let mut e = Engine::default();
-    let exec = e.execute(&args(&["SET", "new", "1"]), 0);
+    let exec = execute_resp2(&mut e, &args(&["SET", "new", "1"]), 0);
     writer.append(&exec.log.unwrap()).unwrap();
     apply(&mut disk, &writer.take_pending().unwrap());
     // Make the old bytes start right after the new record: no zero terminator.
@@ -327,9 +327,11 @@ fn disk_full_and_batches() {
     let value = "v".repeat(400);
     let mut ok = 0;
     loop {
-        let exec = run
-            .engine
-            .execute(&args(&["SET", &format!("k{ok}"), &value]), 0);
+        let exec = execute_resp2(
+            &mut run.engine,
+            &args(&["SET", &format!("k{ok}"), &value]),
+            0,
+        );
         match exec.log {
             Some(p) => {
                 run.writer.append(&p).unwrap();
@@ -354,7 +356,8 @@ fn disk_full_and_batches() {
     let payload = vec![9u8; 1024 * 1024];
     let mut n = 0;
     loop {
-        let exec = run.engine.execute(
+        let exec = execute_resp2(
+            &mut run.engine,
             &[
                 b"SET".to_vec(),
                 format!("k{n}").into_bytes(),
@@ -377,7 +380,7 @@ fn disk_full_and_batches() {
 fn random_payloads_never_panic_and_apply_all_or_nothing() {
     let mut rng = Rng(0xabc);
     let mut e = Engine::default();
-    e.execute(&args(&["SET", "keep", "1"]), 0);
+    execute_resp2(&mut e, &args(&["SET", "keep", "1"]), 0);
     for _ in 0..100_000 {
         let len = rng.below(40) as usize;
         let mut p: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();

@@ -2,6 +2,7 @@
 
 mod aof;
 mod engine;
+mod protocol;
 
 /// A small deterministic PRNG (xorshift64*), so failures reproduce.
 pub(crate) struct Rng(pub u64);
@@ -16,6 +17,11 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+}
+
+/// Runs one command on a RESP2 connection (client id 1).
+pub(crate) fn execute_resp2(e: &mut crate::Engine, cmd: &[Vec<u8>], now: u64) -> crate::Execution {
+    e.execute(&mut crate::Session::new(1), cmd, now)
 }
 
 pub(crate) fn args(words: &[&str]) -> Vec<Vec<u8>> {
