@@ -369,10 +369,15 @@ async fn handle_connection(
         let opts = opts.clone();
         let node = node.clone();
         tokio::spawn(async move {
-            if let Err(reason) = handle_stream(send, recv, &witness, &opts, &node).await {
+            let mut send = send;
+            if let Err(reason) = handle_stream(&mut send, recv, &witness, &opts, &node).await {
                 tracing::warn!(%remote, node, %reason, "closing connection: bad frame");
+                // Close while the stream is still open: dropping a quinn send
+                // stream finishes it, and a client that saw that clean end
+                // before the close would not learn why it got no answer.
                 conn.close(CLOSE_BAD_FRAME.into(), reason.as_bytes());
             }
+            drop(send);
         });
     }
 }
@@ -380,7 +385,7 @@ async fn handle_connection(
 /// Serves requests on one stream until the client finishes it. An `Err` is
 /// a frame-level fault: the caller closes the connection with that reason.
 async fn handle_stream(
-    mut send: quinn::SendStream,
+    send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     witness: &Arc<Witness>,
     opts: &ServeOptions,
@@ -431,7 +436,7 @@ async fn handle_stream(
         })
         .map_err(|e| e.to_string())?;
         if let Err(e) =
-            write_frame_async(&mut send, KIND_RESPONSE, &bytes, proto::MAX_RESPONSE_FRAME).await
+            write_frame_async(send, KIND_RESPONSE, &bytes, proto::MAX_RESPONSE_FRAME).await
         {
             tracing::debug!(node, reason = %e, "could not send the answer");
             return Ok(());
