@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod decide;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -1,6 +1,7 @@
 //! The witness: claim decisions ([`Witness`]) and the QUIC service around
 //! them ([`serve`]).
 
+use crate::decide::{decide, Decision};
 use crate::proto::{
     self, ClusterStatus, RefuseCode, Request, RequestBody, Response, ResponseBody, CLOSE_BAD_FRAME,
     CLOSE_BAD_IDENTITY, CLOSE_SHUTDOWN, KIND_REQUEST, KIND_RESPONSE, PROTOCOL_VERSION,
@@ -105,37 +106,36 @@ impl Witness {
         }
         let _guard = self.decide.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.store.get(cluster)?;
-        let outcome = if epoch_seen == cur.epoch {
-            let next = epoch_seen
-                .checked_add(1)
-                .ok_or(WitnessError::EpochOverflow(epoch_seen))?;
-            let new = ClusterState {
-                epoch: next,
-                holder: Some(node.to_string()),
-            };
-            if let Err(e) = self.store.put_durable(cluster, &new) {
-                tracing::error!(cluster, node, epoch = next, error = %e, outcome = "failed", "could not persist grant; not granted");
-                return Err(e.into());
+        let outcome = match decide(&cur, node, epoch_seen) {
+            Decision::Grant { epoch } => {
+                let new = ClusterState {
+                    epoch,
+                    holder: Some(node.to_string()),
+                };
+                if let Err(e) = self.store.put_durable(cluster, &new) {
+                    tracing::error!(cluster, node, epoch, error = %e, outcome = "failed", "could not persist grant; not granted");
+                    return Err(e.into());
+                }
+                ClaimOutcome::Granted { epoch }
             }
-            ClaimOutcome::Granted { epoch: next }
-        } else if epoch_seen.checked_add(1) == Some(cur.epoch)
-            && cur.holder.as_deref() == Some(node)
-        {
-            ClaimOutcome::Granted { epoch: cur.epoch }
-        } else {
-            if epoch_seen > cur.epoch {
-                tracing::warn!(
-                    cluster,
-                    node,
-                    epoch_seen,
-                    epoch = cur.epoch,
-                    "claim names an epoch this witness never granted"
-                );
+            Decision::AlreadyHeld { epoch } => ClaimOutcome::Granted { epoch },
+            Decision::Deny {
+                holder,
+                epoch,
+                ahead,
+            } => {
+                if ahead {
+                    tracing::warn!(
+                        cluster,
+                        node,
+                        epoch_seen,
+                        epoch,
+                        "claim names an epoch this witness never granted"
+                    );
+                }
+                ClaimOutcome::Denied { holder, epoch }
             }
-            ClaimOutcome::Denied {
-                holder: cur.holder.clone(),
-                epoch: cur.epoch,
-            }
+            Decision::Overflow => return Err(WitnessError::EpochOverflow(epoch_seen)),
         };
         match &outcome {
             ClaimOutcome::Granted { epoch } => {
