@@ -1,0 +1,537 @@
+//! The etcd witness backend: claims decided by an etcd v3 cluster (gRPC over
+//! TLS with client certificates) instead of one `ftvm-witness` process, so
+//! the witness survives the loss of any minority of its members.
+//!
+//! Each cluster has one key, `<key_prefix>/<cluster>/epoch`, whose value is
+//! the text record `ftvm-witness/1 epoch=<E> holder=<node>` (absent: epoch 0,
+//! no holder). A claim on `epoch_seen` by `node` (the name in this client's
+//! certificate) is:
+//!
+//! 1. a linearizable GET of the key: its record and mod revision;
+//! 2. [`decide`] on that state, the same rule the `ftvm-witness` service
+//!    applies;
+//! 3. for a grant, ONE transaction: *if* the key's value is still the record
+//!    read and its mod revision is still the one read (mod revision 0: the
+//!    key is still absent), *then* put `epoch_seen + 1` with `node` as
+//!    holder. GRANTED only if etcd answers that the transaction succeeded;
+//!    if it did not (someone else wrote first), the key is read again and
+//!    decided again, which denies the claim and names the winner.
+//!
+//! A transaction that succeeded is committed by raft: in the log of a
+//! majority of members, each of which fsynced its WAL before acknowledging,
+//! and applied before the answer left. So a grant is durable before it is
+//! answered, as with `ftvm-witness`. A member cut off from the majority
+//! cannot commit, and with `require_leader` and linearizable reads it cannot
+//! answer a read either: the minority side answers nothing, and "no answer"
+//! is never a grant.
+//!
+//! Idempotence: a claim whose transaction committed but whose answer was
+//! lost is asked again by the client (or by the node later). The GET then
+//! shows this node holding `epoch_seen + 1`, which [`decide`] grants again
+//! without writing. Safe because the GET is linearizable: it sees every
+//! transaction committed before it started.
+
+use crate::backend::{error_chain, BoxFuture, RetryPolicy, Tries, WitnessBackend};
+use crate::client::ClientError;
+use crate::decide::{decide, Decision};
+use crate::proto::{ClusterStatus, RefuseCode};
+use crate::server::ClaimOutcome;
+use crate::store::ClusterState;
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp,
+};
+use ftvm_config::witness::{check_cluster_name, check_node_name, WitnessClientConfig, WitnessKind};
+use ftvm_transport::quic;
+use std::time::Duration;
+
+/// First word of every record this backend writes (the format's version).
+pub const RECORD_FORMAT: &str = "ftvm-witness/1";
+/// Name of the per-cluster key under `<key_prefix>/<cluster>/`.
+const EPOCH_KEY: &str = "epoch";
+/// Most clusters `status_all` lists (one witness serves at most 128 for `ftvm-witness`).
+const MAX_LISTED: i64 = 1024;
+/// GET, decide, transaction rounds in one try before it counts as no answer
+/// (another claim won each time in between: only possible under a storm).
+const ROUNDS_PER_TRY: u32 = 3;
+
+/// The record an epoch key holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochRecord {
+    pub epoch: u64,
+    pub holder: String,
+}
+
+impl EpochRecord {
+    /// The bytes stored in etcd.
+    pub fn encode(&self) -> Vec<u8> {
+        format!(
+            "{RECORD_FORMAT} epoch={} holder={}",
+            self.epoch, self.holder
+        )
+        .into_bytes()
+    }
+
+    /// Parses a stored value; `None` when it is not a record of this format.
+    pub fn decode(value: &[u8]) -> Option<EpochRecord> {
+        let text = std::str::from_utf8(value).ok()?;
+        let mut words = text.split(' ');
+        let (format, epoch, holder) = (words.next()?, words.next()?, words.next()?);
+        if format != RECORD_FORMAT || words.next().is_some() {
+            return None;
+        }
+        let epoch: u64 = epoch.strip_prefix("epoch=")?.parse().ok()?;
+        let holder = holder.strip_prefix("holder=")?;
+        if epoch == 0 || check_node_name(holder).is_err() {
+            return None;
+        }
+        Some(EpochRecord {
+            epoch,
+            holder: holder.to_string(),
+        })
+    }
+}
+
+/// The key holding `cluster`'s epoch under `key_prefix`.
+pub fn epoch_key(key_prefix: &str, cluster: &str) -> String {
+    format!("{key_prefix}/{cluster}/{EPOCH_KEY}")
+}
+
+/// A client that claims epochs in an etcd cluster. Connects on first use
+/// and starts over with a fresh connection after any fault.
+pub struct EtcdWitness {
+    endpoints: Vec<String>,
+    /// "etcd at <endpoints>", for messages.
+    target: String,
+    key_prefix: String,
+    cluster: Option<String>,
+    /// This node's name, from its certificate: the holder it writes.
+    node: String,
+    retry: RetryPolicy,
+    request_timeout: Duration,
+    options: ConnectOptions,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for EtcdWitness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdWitness")
+            .field("endpoints", &self.endpoints)
+            .field("key_prefix", &self.key_prefix)
+            .field("cluster", &self.cluster)
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// Why one try got no decision.
+enum TryError {
+    /// No answer (unreachable, no leader, timed out, ...): tried again.
+    NoAnswer(String),
+    /// etcd answered and refused, or answered nonsense: not tried again.
+    Final(ClientError),
+}
+
+fn classify(what: &str, e: etcd_client::Error) -> TryError {
+    use tonic::Code;
+    if let etcd_client::Error::GRpcStatus(s) = &e {
+        let refused = |code| {
+            TryError::Final(ClientError::Refused {
+                code,
+                reason: format!("etcd refused the {what}: {}", s.message()),
+            })
+        };
+        match s.code() {
+            Code::PermissionDenied | Code::Unauthenticated => {
+                return refused(RefuseCode::NotAuthorized)
+            }
+            Code::InvalidArgument => return refused(RefuseCode::BadRequest),
+            _ => {}
+        }
+    }
+    TryError::NoAnswer(format!("{what}: {}", error_chain(&e)))
+}
+
+impl EtcdWitness {
+    /// A client as a `[witness]` table with `kind = "etcd"` describes. Reads
+    /// and checks the PEM files now, naming any bad one.
+    pub fn from_config(cfg: &WitnessClientConfig) -> Result<Self, ClientError> {
+        if cfg.kind != WitnessKind::Etcd {
+            return Err(ClientError::Config(format!(
+                "kind = {:?} is not an etcd witness",
+                cfg.kind.name()
+            )));
+        }
+        if cfg.endpoints.is_empty() {
+            return Err(ClientError::Config(
+                "an etcd witness client needs `endpoints` in its [witness] table".into(),
+            ));
+        }
+        // Parse every file first so that a bad one is named (tonic would
+        // only fail at the first connection, without the path).
+        quic::load_certs(&cfg.ca)?;
+        let certs = quic::load_certs(&cfg.cert)?;
+        quic::load_key(&cfg.key)?;
+        let node = match certs.first() {
+            Some(c) => quic::node_name_from_cert(c)?,
+            None => return Err(ClientError::Config("no certificate".into())),
+        };
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClientError::Config(format!("{}: {e}", p.display())))
+        };
+        let mut tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&cfg.ca)?))
+            .identity(Identity::from_pem(read(&cfg.cert)?, read(&cfg.key)?));
+        if let Some(name) = &cfg.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let request_timeout = Duration::from_millis(cfg.request_timeout_ms);
+        let options = ConnectOptions::new()
+            .with_tls(tls)
+            .with_connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .with_timeout(request_timeout)
+            .with_keep_alive(
+                Duration::from_millis(cfg.keep_alive_ms),
+                Duration::from_millis(cfg.idle_timeout_ms),
+            )
+            // A member without a leader fails a request at once instead of
+            // holding it: the minority side of a partition answers nothing, fast.
+            .with_require_leader(true);
+        Ok(EtcdWitness {
+            target: format!("etcd at {}", cfg.endpoints.join(", ")),
+            endpoints: cfg.endpoints.clone(),
+            key_prefix: cfg.key_prefix().to_string(),
+            cluster: cfg.cluster.clone(),
+            node,
+            retry: RetryPolicy::from_config(cfg),
+            request_timeout,
+            options,
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// This node's name (from its certificate), written as the holder.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The key holding `cluster`'s epoch.
+    pub fn epoch_key(&self, cluster: &str) -> String {
+        epoch_key(&self.key_prefix, cluster)
+    }
+
+    /// The shared connection, made on first use (tonic connects lazily;
+    /// this only sets the endpoints up).
+    async fn connection(&self) -> Result<Client, String> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = Client::connect(&self.endpoints, Some(self.options.clone()))
+            .await
+            .map_err(|e| format!("connecting: {}", error_chain(&e)))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs `op` up to the configured attempts, each bounded by the request
+    /// timeout; drops the connection after a try that got no answer, so the
+    /// next one reconnects to every endpoint.
+    async fn with_tries<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, TryError>>,
+    {
+        let mut tries = Tries::new(self.retry, &self.target);
+        while tries.next().await.is_some() {
+            let result = match self.connection().await {
+                Ok(client) => match tokio::time::timeout(self.request_timeout, op(client)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(TryError::NoAnswer(format!(
+                        "no answer within {:?}",
+                        self.request_timeout
+                    ))),
+                },
+                Err(why) => Err(TryError::NoAnswer(why)),
+            };
+            match result {
+                Ok(v) => return Ok(v),
+                Err(TryError::Final(e)) => return Err(e),
+                Err(TryError::NoAnswer(why)) => {
+                    self.client.lock().await.take();
+                    tries.failed(why);
+                }
+            }
+        }
+        Err(tries.no_answer())
+    }
+
+    /// Claims epoch `epoch_seen + 1` of `cluster` (see the module doc).
+    pub async fn claim_in(
+        &self,
+        cluster: &str,
+        epoch_seen: u64,
+    ) -> Result<ClaimOutcome, ClientError> {
+        check_cluster_name(cluster).map_err(|reason| ClientError::Refused {
+            code: RefuseCode::UnknownCluster,
+            reason,
+        })?;
+        let key = self.epoch_key(cluster);
+        let outcome = self
+            .with_tries(|client| self.claim_once(client, &key, epoch_seen))
+            .await?;
+        match &outcome {
+            ClaimOutcome::Granted { epoch } => tracing::info!(
+                cluster,
+                node = %self.node,
+                epoch_seen,
+                epoch,
+                outcome = "granted",
+                "etcd claim decided"
+            ),
+            ClaimOutcome::Denied { holder, epoch } => tracing::info!(
+                cluster,
+                node = %self.node,
+                epoch_seen,
+                epoch,
+                holder = holder.as_deref().unwrap_or("-"),
+                outcome = "denied",
+                "etcd claim decided"
+            ),
+        }
+        Ok(outcome)
+    }
+
+    async fn claim_once(
+        &self,
+        mut client: Client,
+        key: &str,
+        epoch_seen: u64,
+    ) -> Result<ClaimOutcome, TryError> {
+        for _ in 0..ROUNDS_PER_TRY {
+            let (state, stored) = read_epoch(&mut client, key).await?;
+            match decide(&state, &self.node, epoch_seen) {
+                Decision::Grant { epoch } => {
+                    let record = EpochRecord {
+                        epoch,
+                        holder: self.node.clone(),
+                    };
+                    let unchanged = match &stored {
+                        Some((value, revision)) => vec![
+                            Compare::value(key, CompareOp::Equal, value.clone()),
+                            Compare::mod_revision(key, CompareOp::Equal, *revision),
+                        ],
+                        // An absent key compares as mod revision 0.
+                        None => vec![Compare::mod_revision(key, CompareOp::Equal, 0)],
+                    };
+                    let txn = Txn::new().when(unchanged).and_then(vec![TxnOp::put(
+                        key,
+                        record.encode(),
+                        None,
+                    )]);
+                    let resp = client
+                        .txn(txn)
+                        .await
+                        .map_err(|e| classify("claim transaction", e))?;
+                    if resp.succeeded() {
+                        return Ok(ClaimOutcome::Granted { epoch });
+                    }
+                    // Someone wrote first: read again and decide again.
+                }
+                Decision::AlreadyHeld { epoch } => return Ok(ClaimOutcome::Granted { epoch }),
+                Decision::Deny {
+                    holder,
+                    epoch,
+                    ahead,
+                } => {
+                    if ahead {
+                        tracing::warn!(key, node = %self.node, epoch_seen, epoch, "claim names an epoch etcd never granted");
+                    }
+                    return Ok(ClaimOutcome::Denied { holder, epoch });
+                }
+                Decision::Overflow => {
+                    return Err(TryError::Final(ClientError::Refused {
+                        code: RefuseCode::BadRequest,
+                        reason: format!("epoch {epoch_seen} cannot be followed"),
+                    }))
+                }
+            }
+        }
+        Err(TryError::NoAnswer(format!(
+            "{key} changed under {ROUNDS_PER_TRY} claims in a row"
+        )))
+    }
+
+    /// The state of `cluster` (a linearizable read).
+    pub async fn status_in(&self, cluster: &str) -> Result<ClusterStatus, ClientError> {
+        check_cluster_name(cluster).map_err(|reason| ClientError::Refused {
+            code: RefuseCode::UnknownCluster,
+            reason,
+        })?;
+        let key = self.epoch_key(cluster);
+        let state = self
+            .with_tries(|mut client| {
+                let key = &key;
+                async move { read_epoch(&mut client, key).await.map(|(s, _)| s) }
+            })
+            .await?;
+        Ok(ClusterStatus {
+            name: cluster.to_string(),
+            epoch: state.epoch,
+            holder: state.holder,
+        })
+    }
+
+    /// Every cluster with an epoch key under the prefix, by name.
+    pub async fn status_all(&self) -> Result<Vec<ClusterStatus>, ClientError> {
+        let prefix = format!("{}/", self.key_prefix);
+        let kvs = self
+            .with_tries(|mut client| {
+                let prefix = prefix.clone();
+                async move {
+                    let opts = GetOptions::new().with_prefix().with_limit(MAX_LISTED);
+                    let resp = client
+                        .get(prefix, Some(opts))
+                        .await
+                        .map_err(|e| classify("read", e))?;
+                    Ok(resp
+                        .kvs()
+                        .iter()
+                        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+                        .collect::<Vec<_>>())
+                }
+            })
+            .await?;
+        let mut out = Vec::new();
+        for (key, value) in kvs {
+            let Some(cluster) = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|k| k.strip_prefix(&prefix))
+                .and_then(|k| k.strip_suffix(&format!("/{EPOCH_KEY}")))
+                .filter(|c| check_cluster_name(c).is_ok())
+            else {
+                // Not an epoch key of ours (another tool's key under the prefix).
+                continue;
+            };
+            let state = state_of(&String::from_utf8_lossy(&key), &value).map_err(|e| match e {
+                TryError::Final(e) => e,
+                TryError::NoAnswer(m) => ClientError::Protocol(m),
+            })?;
+            out.push(ClusterStatus {
+                name: cluster.to_string(),
+                epoch: state.epoch,
+                holder: state.holder,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops the connection (a later request reconnects).
+    pub async fn close(&self) {
+        self.client.lock().await.take();
+    }
+}
+
+/// The stored value and mod revision of an epoch key, when present.
+type Stored = Option<(Vec<u8>, i64)>;
+
+fn state_of(key: &str, value: &[u8]) -> Result<ClusterState, TryError> {
+    let record = EpochRecord::decode(value).ok_or_else(|| {
+        TryError::Final(ClientError::Protocol(format!(
+            "etcd key {key} holds {:?}, not a witness record ({RECORD_FORMAT} epoch=<n> holder=<node>); not a grant",
+            String::from_utf8_lossy(&value[..value.len().min(120)])
+        )))
+    })?;
+    Ok(ClusterState {
+        epoch: record.epoch,
+        holder: Some(record.holder),
+    })
+}
+
+/// Reads an epoch key (linearizable: it reflects every committed write).
+async fn read_epoch(client: &mut Client, key: &str) -> Result<(ClusterState, Stored), TryError> {
+    let resp = client
+        .get(key, None)
+        .await
+        .map_err(|e| classify("read", e))?;
+    match resp.kvs() {
+        [] => Ok((ClusterState::default(), None)),
+        [kv] => Ok((
+            state_of(key, kv.value())?,
+            Some((kv.value().to_vec(), kv.mod_revision())),
+        )),
+        more => Err(TryError::Final(ClientError::Protocol(format!(
+            "etcd answered {} keys for the one key {key}",
+            more.len()
+        )))),
+    }
+}
+
+impl WitnessBackend for EtcdWitness {
+    fn kind(&self) -> WitnessKind {
+        WitnessKind::Etcd
+    }
+
+    fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn cluster(&self) -> Option<&str> {
+        self.cluster.as_deref()
+    }
+
+    fn claim_in<'a>(
+        &'a self,
+        cluster: &'a str,
+        epoch_seen: u64,
+    ) -> BoxFuture<'a, Result<ClaimOutcome, ClientError>> {
+        Box::pin(EtcdWitness::claim_in(self, cluster, epoch_seen))
+    }
+
+    fn status_in<'a>(
+        &'a self,
+        cluster: &'a str,
+    ) -> BoxFuture<'a, Result<ClusterStatus, ClientError>> {
+        Box::pin(EtcdWitness::status_in(self, cluster))
+    }
+
+    fn status_all(&self) -> BoxFuture<'_, Result<Vec<ClusterStatus>, ClientError>> {
+        Box::pin(EtcdWitness::status_all(self))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(EtcdWitness::close(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_garbage_is_refused() {
+        let r = EpochRecord {
+            epoch: 7,
+            holder: "node-a".into(),
+        };
+        assert_eq!(r.encode(), b"ftvm-witness/1 epoch=7 holder=node-a");
+        assert_eq!(EpochRecord::decode(&r.encode()), Some(r));
+        for bad in [
+            &b""[..],
+            b"ftvm-witness/1 epoch=7",
+            b"ftvm-witness/2 epoch=7 holder=node-a",
+            b"ftvm-witness/1 epoch=0 holder=node-a",
+            b"ftvm-witness/1 epoch=-1 holder=node-a",
+            b"ftvm-witness/1 epoch=7 holder=Node A",
+            b"ftvm-witness/1 epoch=7 holder=node-a extra",
+            b"ftvm-witness/1  epoch=7 holder=node-a",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(EpochRecord::decode(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            epoch_key("/ftvm/witness", "prod"),
+            "/ftvm/witness/prod/epoch"
+        );
+    }
+}
