@@ -97,8 +97,10 @@ pub fn epoch_key(key_prefix: &str, cluster: &str) -> String {
     format!("{key_prefix}/{cluster}/{EPOCH_KEY}")
 }
 
-/// A client that claims epochs in an etcd cluster. Connects on first use
-/// and starts over with a fresh connection after any fault.
+/// A client that claims epochs in an etcd cluster. It talks to one member
+/// at a time (connecting on first use); a try that gets no answer drops
+/// that connection and moves to the next member, so a dead or cut-off
+/// member costs one try, not one in every few requests.
 pub struct EtcdWitness {
     endpoints: Vec<String>,
     /// "etcd at <endpoints>", for messages.
@@ -110,7 +112,14 @@ pub struct EtcdWitness {
     retry: RetryPolicy,
     request_timeout: Duration,
     options: ConnectOptions,
-    client: tokio::sync::Mutex<Option<Client>>,
+    members: tokio::sync::Mutex<Members>,
+}
+
+/// One connection per endpoint (made on use), and the endpoint in use.
+#[derive(Default)]
+struct Members {
+    clients: Vec<Option<Client>>,
+    current: usize,
 }
 
 impl std::fmt::Debug for EtcdWitness {
@@ -206,7 +215,10 @@ impl EtcdWitness {
             retry: RetryPolicy::from_config(cfg),
             request_timeout,
             options,
-            client: tokio::sync::Mutex::new(None),
+            members: tokio::sync::Mutex::new(Members {
+                clients: vec![None; cfg.endpoints.len()],
+                current: 0,
+            }),
         })
     }
 
@@ -220,23 +232,36 @@ impl EtcdWitness {
         epoch_key(&self.key_prefix, cluster)
     }
 
-    /// The shared connection, made on first use (tonic connects lazily;
-    /// this only sets the endpoints up).
-    async fn connection(&self) -> Result<Client, String> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
+    /// The connection to the member in use (made on first use; tonic
+    /// connects lazily, this only sets the endpoint up), and its index.
+    async fn connection(&self) -> (usize, Result<Client, String>) {
+        let mut m = self.members.lock().await;
+        let i = m.current;
+        if let Some(c) = m.clients.get(i).and_then(|c| c.clone()) {
+            return (i, Ok(c));
         }
-        let c = Client::connect(&self.endpoints, Some(self.options.clone()))
+        let made = Client::connect([&self.endpoints[i]], Some(self.options.clone()))
             .await
-            .map_err(|e| format!("connecting: {}", error_chain(&e)))?;
-        *slot = Some(c.clone());
-        Ok(c)
+            .map_err(|e| format!("connecting: {}", error_chain(&e)));
+        if let (Ok(c), Some(slot)) = (&made, m.clients.get_mut(i)) {
+            *slot = Some(c.clone());
+        }
+        (i, made)
+    }
+
+    /// Member `i` gave no answer: drop its connection and use the next one.
+    async fn give_up_on(&self, i: usize) {
+        let mut m = self.members.lock().await;
+        if let Some(slot) = m.clients.get_mut(i) {
+            *slot = None;
+        }
+        if m.current == i {
+            m.current = (i + 1) % self.endpoints.len().max(1);
+        }
     }
 
     /// Runs `op` up to the configured attempts, each bounded by the request
-    /// timeout; drops the connection after a try that got no answer, so the
-    /// next one reconnects to every endpoint.
+    /// timeout, moving to the next member after a try that got no answer.
     async fn with_tries<T, F, Fut>(&self, op: F) -> Result<T, ClientError>
     where
         F: Fn(Client) -> Fut,
@@ -244,7 +269,8 @@ impl EtcdWitness {
     {
         let mut tries = Tries::new(self.retry, &self.target);
         while tries.next().await.is_some() {
-            let result = match self.connection().await {
+            let (i, connection) = self.connection().await;
+            let result = match connection {
                 Ok(client) => match tokio::time::timeout(self.request_timeout, op(client)).await {
                     Ok(r) => r,
                     Err(_) => Err(TryError::NoAnswer(format!(
@@ -258,8 +284,8 @@ impl EtcdWitness {
                 Ok(v) => return Ok(v),
                 Err(TryError::Final(e)) => return Err(e),
                 Err(TryError::NoAnswer(why)) => {
-                    self.client.lock().await.take();
-                    tries.failed(why);
+                    self.give_up_on(i).await;
+                    tries.failed(format!("{}: {why}", self.endpoints[i]));
                 }
             }
         }
@@ -426,9 +452,11 @@ impl EtcdWitness {
         Ok(out)
     }
 
-    /// Drops the connection (a later request reconnects).
+    /// Drops the connections (a later request reconnects).
     pub async fn close(&self) {
-        self.client.lock().await.take();
+        for c in self.members.lock().await.clients.iter_mut() {
+            *c = None;
+        }
     }
 }
 
