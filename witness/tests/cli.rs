@@ -20,6 +20,7 @@ fn lab() -> tempfile::TempDir {
         pki::run_certs(&pki::CertsCommand::Issue {
             dir: p.clone(),
             node: n.to_string(),
+            ips: Vec::new(),
         })
         .unwrap();
     }
