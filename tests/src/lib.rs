@@ -4,6 +4,7 @@
 pub mod bench_ftkv;
 pub mod bench_machine;
 pub mod bench_witness;
+pub mod etcd_lab;
 pub mod report;
 pub mod site;
 

@@ -82,6 +82,47 @@ impl NetNs {
         Ok(())
     }
 
+    /// Runs the future `make` returns to completion on a tokio runtime whose
+    /// threads all live in this namespace: a thread enters it first, then
+    /// builds the runtime (threads inherit the namespace of the thread that
+    /// creates them), so every socket the future opens is inside.
+    pub fn block_on<Fut: std::future::Future>(
+        &self,
+        make: impl FnOnce() -> Fut + Send,
+    ) -> Result<Fut::Output>
+    where
+        Fut::Output: Send,
+    {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    self.enter_this_thread()?;
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()?;
+                    Ok(rt.block_on(make()))
+                })
+                .join()
+                // A failed assertion inside fails the caller the same way.
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Moves the calling thread (only) into this namespace.
+    fn enter_this_thread(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns on a valid namespace file descriptor we keep open for
+        // the call; it changes the network namespace of this thread only.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            bail!("setns({path}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
