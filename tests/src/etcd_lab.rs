@@ -26,11 +26,19 @@ const PEER_PORT: u16 = 2380;
 /// nftables table a partition adds in a member's namespace.
 const PARTITION_TABLE: &str = "ftvm_partition";
 
+/// Why a lab cannot run here, if it cannot.
+pub fn missing() -> Option<String> {
+    crate::site::root_missing()
+        .or_else(|| crate::site::tool_missing("etcd", "etcd-server"))
+        .or_else(|| crate::site::tool_missing("nft", "nftables"))
+}
+
 /// True when etcd tests can run here; otherwise prints a SKIPPED line.
 pub fn available(test: &str) -> bool {
-    crate::site::root_available(test)
-        && crate::site::tool_available(test, "etcd", "etcd-server")
-        && crate::site::tool_available(test, "nft", "nftables")
+    match missing() {
+        Some(why) => crate::skip(test, &why),
+        None => true,
+    }
 }
 
 fn member_ip(i: usize) -> Ipv4Addr {

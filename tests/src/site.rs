@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// True when the test can create namespaces and TAP devices; otherwise
-/// prints a SKIPPED line with the reason.
-pub fn root_available(test: &str) -> bool {
+/// Why this process cannot create namespaces and TAP devices, if it cannot.
+pub fn root_missing() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    let why = if euid != 0 {
+    if euid != 0 {
         Some("not running as root (network namespaces and TAP devices need root)".to_string())
     } else if !Path::new("/dev/net/tun").exists() {
         Some("/dev/net/tun is missing".to_string())
@@ -22,24 +21,34 @@ pub fn root_available(test: &str) -> bool {
         Some("the `ip` command (iproute2) is missing".to_string())
     } else {
         None
-    };
-    match why {
+    }
+}
+
+/// True when the test can create namespaces and TAP devices; otherwise
+/// prints a SKIPPED line with the reason.
+pub fn root_available(test: &str) -> bool {
+    match root_missing() {
         Some(w) => crate::skip(test, &w),
         None => true,
     }
 }
 
+/// Why `tool` cannot run here (naming its Debian package), if it cannot.
+pub fn tool_missing(tool: &str, package: &str) -> Option<String> {
+    if Command::new(tool).arg("--version").output().is_ok() {
+        return None;
+    }
+    Some(format!(
+        "`{tool}` is not installed (Debian package {package}; scripts/setup.sh installs it)"
+    ))
+}
+
 /// True when `tool` runs; otherwise prints a SKIPPED line naming the package.
 pub fn tool_available(test: &str, tool: &str, package: &str) -> bool {
-    if Command::new(tool).arg("--version").output().is_ok() {
-        return true;
+    match tool_missing(tool, package) {
+        Some(w) => crate::skip(test, &w),
+        None => true,
     }
-    crate::skip(
-        test,
-        &format!(
-            "`{tool}` is not installed (Debian package {package}; scripts/setup.sh installs it)"
-        ),
-    )
 }
 
 fn run(cmd: &mut Command) -> Result<Output> {

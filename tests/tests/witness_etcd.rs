@@ -1,8 +1,9 @@
 //! The etcd witness backend against a real three-member etcd 3.4 cluster
 //! (Debian's etcd-server), each member in its own network namespace, TLS
 //! with client certificates: racing claims, a member killed, the leader
-//! partitioned, two members down, a stranger's certificate, and the
-//! operator's `ftvm-witness claim|status`.
+//! partitioned, two members down, a stranger's certificate, etcd's RBAC
+//! confining a node to its cluster, and the operator's
+//! `ftvm-witness claim|status`.
 //!
 //! Nothing here bounds wall-clock time: timeouts only catch hangs, and a
 //! claim that gets no answer is asked again, as a node would.
@@ -382,6 +383,101 @@ fn etcd_refuses_a_client_certificate_from_another_ca() {
     assert!(
         logs.contains("certificate signed by unknown authority"),
         "no member logged the refused certificate"
+    );
+}
+
+/// Runs etcdctl (v3 API) in the clients' namespace as `identity` (a
+/// certificate of the lab's PKI); returns (success, stdout + stderr).
+fn etcdctl(lab: &EtcdLab, identity: &str, args: &[&str]) -> (bool, String) {
+    let p = lab.dir.join("pki");
+    let out = lab
+        .clients
+        .command("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", lab.members[0].endpoint()))
+        .arg(format!("--cacert={}", p.join("ca.pem").display()))
+        .arg(format!(
+            "--cert={}",
+            p.join(format!("{identity}.pem")).display()
+        ))
+        .arg(format!(
+            "--key={}",
+            p.join(format!("{identity}.key")).display()
+        ))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn etcd_rbac_confines_a_node_to_its_clusters_keys() {
+    let test = "etcd_rbac_confines_a_node_to_its_clusters_keys";
+    if !ftvm_tests::site::tool_available(test, "etcdctl", "etcd-client") {
+        return;
+    }
+    let Some((_dir, lab)) = lab(test) else {
+        return;
+    };
+    // As docs/witness.md says: with --client-cert-auth, etcd takes the
+    // certificate's common name as the user; node-a may read and write the
+    // keys of cluster prod only, node-b has no user at all.
+    ftvm_transport::pki::issue_node(&lab.dir.join("pki"), "root").unwrap();
+    for args in [
+        &["user", "add", "root:root-password"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "prod-nodes"],
+        &[
+            "role",
+            "grant-permission",
+            "prod-nodes",
+            "--prefix=true",
+            "readwrite",
+            "/ftvm/witness/prod/",
+        ],
+        &["user", "add", "node-a:unused-password"],
+        &["user", "grant-role", "node-a", "prod-nodes"],
+        &["auth", "enable"],
+    ] {
+        let (ok, out) = etcdctl(&lab, "operator", args);
+        assert!(ok, "etcdctl {args:?}: {out}");
+    }
+    lab.clients
+        .block_on(|| async {
+            let a = client(&lab.node_config("node-a", &ALL, 3, 5000).unwrap());
+            assert_eq!(
+                claim_until_answer(&*a, 0).await,
+                ClaimOutcome::Granted { epoch: 1 }
+            );
+            match a.claim_in("other", 0).await {
+                Err(ClientError::Refused { code, reason }) => {
+                    eprintln!("node-a on another cluster: {code:?} {reason}");
+                    assert_eq!(code, ftvm_witness::proto::RefuseCode::NotAuthorized);
+                }
+                other => panic!("node-a claimed another cluster's epoch: {other:?}"),
+            }
+            let b = client(&lab.node_config("node-b", &ALL, 3, 5000).unwrap());
+            match b.claim(0).await {
+                Err(ClientError::Refused { code, reason }) => {
+                    eprintln!("node-b without a user: {code:?} {reason}")
+                }
+                other => panic!("a node without an etcd user got {other:?}"),
+            }
+            let st = a.status().await.unwrap();
+            assert_eq!((st.epoch, st.holder.as_deref()), (1, Some("node-a")));
+        })
+        .unwrap();
+    let (ok, out) = etcdctl(&lab, "root", &["get", "--prefix", "/ftvm/witness/other/"]);
+    assert!(
+        ok && out.trim().is_empty(),
+        "another cluster's key was written: {out}"
     );
 }
 
