@@ -47,6 +47,10 @@ fn example_configs_load() {
             WitnessClientConfig::load(&examples().join(format!("witness-node-{n}.toml"))).unwrap();
         assert_eq!(c.cluster.as_deref(), Some("prod"));
         assert!(c.cert.ends_with(format!("pki/node-{n}.pem")));
+        let e = WitnessClientConfig::load(&examples().join(format!("witness-etcd-node-{n}.toml")))
+            .unwrap();
+        assert_eq!(e.kind, ftvm_config::witness::WitnessKind::Etcd);
+        assert_eq!((e.endpoints.len(), e.cluster.as_deref()), (3, Some("prod")));
     }
 }
 
