@@ -33,7 +33,7 @@
 
 use crate::backend::{error_chain, BoxFuture, RetryPolicy, Tries, WitnessBackend};
 use crate::client::ClientError;
-use crate::decide::{decide, Decision};
+use crate::decide::{decide, log_decision, Decision};
 use crate::proto::{ClusterStatus, RefuseCode};
 use crate::server::ClaimOutcome;
 use crate::store::ClusterState;
@@ -293,7 +293,7 @@ impl EtcdWitness {
     }
 
     /// Claims epoch `epoch_seen + 1` of `cluster` (see the module doc).
-    pub async fn claim_in(
+    async fn claim_epoch(
         &self,
         cluster: &str,
         epoch_seen: u64,
@@ -304,39 +304,22 @@ impl EtcdWitness {
         })?;
         let key = self.epoch_key(cluster);
         let outcome = self
-            .with_tries(|client| self.claim_once(client, &key, epoch_seen))
+            .with_tries(|client| self.claim_once(client, cluster, &key, epoch_seen))
             .await?;
-        match &outcome {
-            ClaimOutcome::Granted { epoch } => tracing::info!(
-                cluster,
-                node = %self.node,
-                epoch_seen,
-                epoch,
-                outcome = "granted",
-                "etcd claim decided"
-            ),
-            ClaimOutcome::Denied { holder, epoch } => tracing::info!(
-                cluster,
-                node = %self.node,
-                epoch_seen,
-                epoch,
-                holder = holder.as_deref().unwrap_or("-"),
-                outcome = "denied",
-                "etcd claim decided"
-            ),
-        }
+        log_decision("etcd", cluster, &self.node, epoch_seen, &outcome);
         Ok(outcome)
     }
 
     async fn claim_once(
         &self,
         mut client: Client,
+        cluster: &str,
         key: &str,
         epoch_seen: u64,
     ) -> Result<ClaimOutcome, TryError> {
         for _ in 0..ROUNDS_PER_TRY {
             let (state, stored) = read_epoch(&mut client, key).await?;
-            match decide(&state, &self.node, epoch_seen) {
+            match decide(&state, cluster, &self.node, epoch_seen) {
                 Decision::Grant { epoch } => {
                     let record = EpochRecord {
                         epoch,
@@ -364,17 +347,7 @@ impl EtcdWitness {
                     }
                     // Someone wrote first: read again and decide again.
                 }
-                Decision::AlreadyHeld { epoch } => return Ok(ClaimOutcome::Granted { epoch }),
-                Decision::Deny {
-                    holder,
-                    epoch,
-                    ahead,
-                } => {
-                    if ahead {
-                        tracing::warn!(key, node = %self.node, epoch_seen, epoch, "claim names an epoch etcd never granted");
-                    }
-                    return Ok(ClaimOutcome::Denied { holder, epoch });
-                }
+                Decision::Answer(outcome) => return Ok(outcome),
                 Decision::Overflow => {
                     return Err(TryError::Final(ClientError::Refused {
                         code: RefuseCode::BadRequest,
@@ -389,7 +362,7 @@ impl EtcdWitness {
     }
 
     /// The state of `cluster` (a linearizable read).
-    pub async fn status_in(&self, cluster: &str) -> Result<ClusterStatus, ClientError> {
+    async fn status_of(&self, cluster: &str) -> Result<ClusterStatus, ClientError> {
         check_cluster_name(cluster).map_err(|reason| ClientError::Refused {
             code: RefuseCode::UnknownCluster,
             reason,
@@ -409,7 +382,7 @@ impl EtcdWitness {
     }
 
     /// Every cluster with an epoch key under the prefix, by name.
-    pub async fn status_all(&self) -> Result<Vec<ClusterStatus>, ClientError> {
+    async fn list(&self) -> Result<Vec<ClusterStatus>, ClientError> {
         let prefix = format!("{}/", self.key_prefix);
         let kvs = self
             .with_tries(|mut client| {
@@ -453,7 +426,7 @@ impl EtcdWitness {
     }
 
     /// Drops the connections (a later request reconnects).
-    pub async fn close(&self) {
+    async fn disconnect(&self) {
         for c in self.members.lock().await.clients.iter_mut() {
             *c = None;
         }
@@ -513,22 +486,22 @@ impl WitnessBackend for EtcdWitness {
         cluster: &'a str,
         epoch_seen: u64,
     ) -> BoxFuture<'a, Result<ClaimOutcome, ClientError>> {
-        Box::pin(EtcdWitness::claim_in(self, cluster, epoch_seen))
+        Box::pin(self.claim_epoch(cluster, epoch_seen))
     }
 
     fn status_in<'a>(
         &'a self,
         cluster: &'a str,
     ) -> BoxFuture<'a, Result<ClusterStatus, ClientError>> {
-        Box::pin(EtcdWitness::status_in(self, cluster))
+        Box::pin(self.status_of(cluster))
     }
 
     fn status_all(&self) -> BoxFuture<'_, Result<Vec<ClusterStatus>, ClientError>> {
-        Box::pin(EtcdWitness::status_all(self))
+        Box::pin(self.list())
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
-        Box::pin(EtcdWitness::close(self))
+        Box::pin(self.disconnect())
     }
 }
 

@@ -1,7 +1,7 @@
 //! The witness: claim decisions ([`Witness`]) and the QUIC service around
 //! them ([`serve`]).
 
-use crate::decide::{decide, Decision};
+use crate::decide::{decide, log_decision, Decision};
 use crate::proto::{
     self, ClusterStatus, RefuseCode, Request, RequestBody, Response, ResponseBody, CLOSE_BAD_FRAME,
     CLOSE_BAD_IDENTITY, CLOSE_SHUTDOWN, KIND_REQUEST, KIND_RESPONSE, PROTOCOL_VERSION,
@@ -106,7 +106,7 @@ impl Witness {
         }
         let _guard = self.decide.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.store.get(cluster)?;
-        let outcome = match decide(&cur, node, epoch_seen) {
+        let outcome = match decide(&cur, cluster, node, epoch_seen) {
             Decision::Grant { epoch } => {
                 let new = ClusterState {
                     epoch,
@@ -118,46 +118,10 @@ impl Witness {
                 }
                 ClaimOutcome::Granted { epoch }
             }
-            Decision::AlreadyHeld { epoch } => ClaimOutcome::Granted { epoch },
-            Decision::Deny {
-                holder,
-                epoch,
-                ahead,
-            } => {
-                if ahead {
-                    tracing::warn!(
-                        cluster,
-                        node,
-                        epoch_seen,
-                        epoch,
-                        "claim names an epoch this witness never granted"
-                    );
-                }
-                ClaimOutcome::Denied { holder, epoch }
-            }
+            Decision::Answer(outcome) => outcome,
             Decision::Overflow => return Err(WitnessError::EpochOverflow(epoch_seen)),
         };
-        match &outcome {
-            ClaimOutcome::Granted { epoch } => {
-                tracing::info!(
-                    cluster,
-                    node,
-                    epoch_seen,
-                    epoch,
-                    outcome = "granted",
-                    "claim decided"
-                )
-            }
-            ClaimOutcome::Denied { holder, epoch } => tracing::info!(
-                cluster,
-                node,
-                epoch_seen,
-                epoch,
-                holder = holder.as_deref().unwrap_or("-"),
-                outcome = "denied",
-                "claim decided"
-            ),
-        }
+        log_decision("ftvm", cluster, node, epoch_seen, &outcome);
         Ok(outcome)
     }
 
