@@ -211,6 +211,83 @@ mod tests {
         }
     }
 
+    /// A stand-in backend, to test the trait's own methods (the layer above
+    /// the real clients, which are tested against real witnesses).
+    #[derive(Debug)]
+    struct Recorder {
+        cluster: Option<String>,
+        asked: std::sync::Mutex<Vec<(String, u64)>>,
+    }
+
+    impl WitnessBackend for Recorder {
+        fn kind(&self) -> WitnessKind {
+            WitnessKind::Ftvm
+        }
+        fn target(&self) -> &str {
+            "recorder"
+        }
+        fn cluster(&self) -> Option<&str> {
+            self.cluster.as_deref()
+        }
+        fn claim_in<'a>(
+            &'a self,
+            cluster: &'a str,
+            epoch_seen: u64,
+        ) -> BoxFuture<'a, Result<ClaimOutcome, ClientError>> {
+            self.asked
+                .lock()
+                .unwrap()
+                .push((cluster.to_string(), epoch_seen));
+            Box::pin(async move {
+                Ok(ClaimOutcome::Granted {
+                    epoch: epoch_seen + 1,
+                })
+            })
+        }
+        fn status_in<'a>(
+            &'a self,
+            cluster: &'a str,
+        ) -> BoxFuture<'a, Result<ClusterStatus, ClientError>> {
+            Box::pin(async move {
+                Ok(ClusterStatus {
+                    name: cluster.to_string(),
+                    epoch: 0,
+                    holder: None,
+                })
+            })
+        }
+        fn status_all(&self) -> BoxFuture<'_, Result<Vec<ClusterStatus>, ClientError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn close(&self) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test]
+    async fn claim_and_status_use_the_configured_cluster_from_any_task() {
+        let recorder = std::sync::Arc::new(Recorder {
+            cluster: Some("prod".into()),
+            asked: Default::default(),
+        });
+        let backend: std::sync::Arc<dyn WitnessBackend> = recorder.clone();
+        // The futures are Send: a claim can run on any tokio worker.
+        let b = backend.clone();
+        let outcome = tokio::spawn(async move { b.claim(4).await })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome, ClaimOutcome::Granted { epoch: 5 });
+        assert_eq!(*recorder.asked.lock().unwrap(), [("prod".to_string(), 4)]);
+        assert_eq!(backend.status().await.unwrap().name, "prod");
+        let none: Box<dyn WitnessBackend> = Box::new(Recorder {
+            cluster: None,
+            asked: Default::default(),
+        });
+        assert!(matches!(none.claim(0).await, Err(ClientError::NoCluster)));
+        assert!(matches!(none.status().await, Err(ClientError::NoCluster)));
+    }
+
     #[test]
     fn error_chain_skips_repeated_causes() {
         #[derive(Debug, thiserror::Error)]

@@ -127,6 +127,13 @@ fn claim_and_status_commands_print_the_documented_lines() {
         (0, "cluster=prod epoch=1 holder=node-a\n"),
         "{err}"
     );
+    // A node file works for status too (the file's cluster, as that node).
+    let (code, out, err) = run_cli(&["status", "--config", &s(&b)]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "cluster=prod epoch=1 holder=node-a\n"),
+        "{err}"
+    );
     // Without [control], status cannot read the database the server holds, and says so.
     let plain = dir.path().join("plain.toml");
     let text = std::fs::read_to_string(&wcfg).unwrap();
