@@ -11,12 +11,22 @@ command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
+# The etcd witness backend: protoc builds its gRPC client; its tests run a
+# real three-member etcd cluster and inspect it with etcdctl.
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto), which etcd's
+# protos import.
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"
   $SUDO apt-get update -qq
-  # redis-server's package would start a system-wide server: we start our own.
-  if [[ " ${need[*]} " == *" redis-server "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
+  # redis-server's and etcd-server's packages would start system-wide servers
+  # (etcd on the default ports 2379/2380): tests start their own.
+  if [[ " ${need[*]} " == *" redis-server "* || " ${need[*]} " == *" etcd-server "* ]] &&
+    [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod +x /usr/sbin/policy-rc.d
     trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT

@@ -16,6 +16,21 @@
 //! name = "prod"
 //! members = ["node-a", "node-b"]
 //! ```
+//!
+//! A node's `[witness]` table names either an `ftvm-witness` (`kind = "ftvm"`,
+//! the default: `address`, `server_name`) or an etcd cluster (`kind = "etcd"`:
+//! `endpoints`, optional `key_prefix` and `server_name`); the TLS files,
+//! cluster, timeouts and retries are common to both.
+//!
+//! ```toml
+//! [witness]
+//! kind = "etcd"
+//! endpoints = ["https://10.0.1.5:2379", "https://10.0.2.5:2379", "https://10.0.3.5:2379"]
+//! cluster = "prod"
+//! ca = "pki/ca.pem"
+//! cert = "pki/node-a.pem"
+//! key = "pki/node-a.key"
+//! ```
 
 use crate::{load_toml, resolve_path, ConfigError};
 use serde::Deserialize;
@@ -94,24 +109,68 @@ pub struct ClusterConfig {
     pub members: Vec<String>,
 }
 
-/// How a node (or an operator tool) reaches the witness.
+/// Which kind of witness a node asks (`[witness] kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WitnessKind {
+    /// One `ftvm-witness` process (QUIC with mutual TLS, sled).
+    #[default]
+    Ftvm,
+    /// An etcd v3 cluster (gRPC over TLS with client certificates).
+    Etcd,
+}
+
+impl WitnessKind {
+    /// The name used in config files (`ftvm`, `etcd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            WitnessKind::Ftvm => "ftvm",
+            WitnessKind::Etcd => "etcd",
+        }
+    }
+}
+
+/// Where a cluster's keys live in etcd when `key_prefix` is not set.
+pub const DEFAULT_ETCD_KEY_PREFIX: &str = "/ftvm/witness";
+/// Most etcd endpoints a `[witness]` table may list.
+pub const MAX_ETCD_ENDPOINTS: usize = 16;
+/// Longest etcd key prefix, in bytes.
+pub const MAX_ETCD_KEY_PREFIX: usize = 128;
+
+/// How a node (or an operator tool) reaches the witness: a `[witness]` table.
+/// `kind` picks the backend; the keys of the other backend are refused, so a
+/// file never says two things.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WitnessClientConfig {
-    /// The witness's address, `host:port`.
-    pub address: String,
-    /// The witness's node name, checked against its certificate.
-    pub server_name: String,
+    /// `ftvm` (default) or `etcd`.
+    #[serde(default)]
+    pub kind: WitnessKind,
+    /// kind = "ftvm": the witness's address, `host:port` (required).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// kind = "ftvm": the witness's node name, checked against its
+    /// certificate (required). kind = "etcd": optional; a name every etcd
+    /// member's certificate carries, checked instead of each endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// kind = "etcd": the members' client URLs, `https://host:port` (required).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// kind = "etcd": where the clusters' keys live; cluster C's epoch is the
+    /// key `<key_prefix>/<C>/epoch`. Default [`DEFAULT_ETCD_KEY_PREFIX`].
+    #[serde(default)]
+    pub key_prefix: Option<String>,
     /// The cluster this node belongs to (required for a node; optional for `[control]`).
     #[serde(default)]
     pub cluster: Option<String>,
-    /// Cluster CA certificate (PEM).
+    /// CA certificate (PEM) that signed the witness's (or etcd members') certificates.
     pub ca: PathBuf,
-    /// This node's certificate (PEM).
+    /// This node's certificate (PEM); its name is the node's name.
     pub cert: PathBuf,
     /// This node's private key (PEM).
     pub key: PathBuf,
-    /// Time allowed for one QUIC handshake, milliseconds.
+    /// Time allowed for one connection (handshake), milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Time allowed for one request's answer, milliseconds.
@@ -124,8 +183,11 @@ pub struct WitnessClientConfig {
     /// Pause between attempts, milliseconds (doubles each time).
     #[serde(default = "default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
+    /// Keep-alive interval, milliseconds (QUIC; HTTP/2 pings for etcd).
     #[serde(default = "default_keep_alive_ms")]
     pub keep_alive_ms: u64,
+    /// A connection silent this long is closed, milliseconds (QUIC idle
+    /// timeout; for etcd, how long a keep-alive ping may go unanswered).
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
 }
@@ -330,6 +392,13 @@ impl WitnessConfig {
             }
         }
         if let Some(c) = &self.control {
+            if c.kind != WitnessKind::Ftvm {
+                return Err(ConfigError::invalid(
+                    f,
+                    "control.kind",
+                    "must be \"ftvm\": [control] reaches this ftvm-witness",
+                ));
+            }
             c.validate(f, "control", false)?;
         }
         Ok(())
@@ -354,6 +423,13 @@ impl WitnessClientConfig {
         self.key = resolve_path(config_file, &self.key);
     }
 
+    /// The etcd key prefix (the configured one or the default).
+    pub fn key_prefix(&self) -> &str {
+        self.key_prefix
+            .as_deref()
+            .unwrap_or(DEFAULT_ETCD_KEY_PREFIX)
+    }
+
     /// Validates the table found at `prefix` (e.g. `witness`) in `file`.
     pub fn validate(
         &self,
@@ -362,18 +438,10 @@ impl WitnessClientConfig {
         require_cluster: bool,
     ) -> Result<(), ConfigError> {
         let key = |k: &str| format!("{prefix}.{k}");
-        match self.address.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-            _ => {
-                return Err(ConfigError::invalid(
-                    file,
-                    &key("address"),
-                    format!("{:?} is not host:port", self.address),
-                ))
-            }
+        match self.kind {
+            WitnessKind::Ftvm => self.validate_ftvm(file, prefix)?,
+            WitnessKind::Etcd => self.validate_etcd(file, prefix)?,
         }
-        check_node_name(&self.server_name)
-            .map_err(|m| ConfigError::invalid(file, &key("server_name"), m))?;
         match &self.cluster {
             Some(c) => {
                 check_cluster_name(c).map_err(|m| ConfigError::invalid(file, &key("cluster"), m))?
@@ -403,6 +471,128 @@ impl WitnessClientConfig {
             ));
         }
         check_timeouts(file, prefix, self.keep_alive_ms, self.idle_timeout_ms)
+    }
+
+    fn validate_ftvm(&self, file: &Path, prefix: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        let only_etcd = |k: &str| {
+            ConfigError::invalid(
+                file,
+                &key(k),
+                "is only for kind = \"etcd\" (this table has kind = \"ftvm\")",
+            )
+        };
+        if !self.endpoints.is_empty() {
+            return Err(only_etcd("endpoints"));
+        }
+        if self.key_prefix.is_some() {
+            return Err(only_etcd("key_prefix"));
+        }
+        let address = self.address.as_deref().ok_or_else(|| {
+            ConfigError::invalid(
+                file,
+                &key("address"),
+                "is required (the witness's host:port)",
+            )
+        })?;
+        if !is_host_port(address) {
+            return Err(ConfigError::invalid(
+                file,
+                &key("address"),
+                format!("{address:?} is not host:port"),
+            ));
+        }
+        let server_name = self.server_name.as_deref().ok_or_else(|| {
+            ConfigError::invalid(
+                file,
+                &key("server_name"),
+                "is required (the witness's node name, as in its certificate)",
+            )
+        })?;
+        check_node_name(server_name).map_err(|m| ConfigError::invalid(file, &key("server_name"), m))
+    }
+
+    fn validate_etcd(&self, file: &Path, prefix: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{prefix}.{k}");
+        if self.address.is_some() {
+            return Err(ConfigError::invalid(
+                file,
+                &key("address"),
+                "is only for kind = \"ftvm\"; an etcd witness is reached through `endpoints`",
+            ));
+        }
+        if self.endpoints.is_empty() || self.endpoints.len() > MAX_ETCD_ENDPOINTS {
+            return Err(ConfigError::invalid(
+                file,
+                &key("endpoints"),
+                format!(
+                    "must list 1 to {MAX_ETCD_ENDPOINTS} etcd client URLs (https://host:port), one per member"
+                ),
+            ));
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let k = key(&format!("endpoints[{i}]"));
+            check_etcd_endpoint(e).map_err(|m| ConfigError::invalid(file, &k, m))?;
+            if self.endpoints[..i].contains(e) {
+                return Err(ConfigError::invalid(
+                    file,
+                    &k,
+                    format!("{e:?} is listed twice"),
+                ));
+            }
+        }
+        if let Some(p) = &self.key_prefix {
+            check_etcd_key_prefix(p)
+                .map_err(|m| ConfigError::invalid(file, &key("key_prefix"), m))?;
+        }
+        if let Some(n) = &self.server_name {
+            check_node_name(n).map_err(|m| ConfigError::invalid(file, &key("server_name"), m))?;
+        }
+        Ok(())
+    }
+}
+
+fn is_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+/// Checks an etcd endpoint: `https://host:port` and nothing else (the etcd
+/// backend always uses TLS with a client certificate).
+pub fn check_etcd_endpoint(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(format!(
+            "{url:?} must start with https:// (the etcd witness is reached over TLS with a client certificate)"
+        ));
+    };
+    let host_port = rest.strip_suffix('/').unwrap_or(rest);
+    let ok = is_host_port(host_port)
+        && !host_port
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || matches!(b, b'/' | b'?' | b'#' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{url:?} is not https://host:port"))
+    }
+}
+
+/// Checks an etcd key prefix: starts with `/`, does not end with one, at most
+/// [`MAX_ETCD_KEY_PREFIX`] bytes of printable ASCII without spaces.
+pub fn check_etcd_key_prefix(p: &str) -> Result<(), String> {
+    let ok = p.len() > 1
+        && p.len() <= MAX_ETCD_KEY_PREFIX
+        && p.starts_with('/')
+        && !p.ends_with('/')
+        && p.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{p:?} must start with '/', not end with '/', and be 2 to {MAX_ETCD_KEY_PREFIX} bytes of printable ASCII without spaces"
+        ))
     }
 }
 
@@ -492,5 +682,110 @@ members = ["node-a", "node-b"]
         let cfg = WitnessClientConfig::load(&p).unwrap();
         assert_eq!(cfg.key, dir.path().join("a.key"));
         assert_eq!(cfg.attempts, 3);
+        // Existing files (no `kind`) are ftvm-witness clients.
+        assert_eq!(cfg.kind, WitnessKind::Ftvm);
+    }
+
+    const ETCD: &str = "[witness]\nkind = \"etcd\"\nendpoints = [\"https://10.0.1.5:2379\", \"https://etcd-2.example:2379/\"]\ncluster = \"prod\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n";
+
+    #[test]
+    fn etcd_table_loads_with_default_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("node-a.toml");
+        std::fs::write(&p, ETCD).unwrap();
+        let cfg = WitnessClientConfig::load(&p).unwrap();
+        assert_eq!(cfg.kind, WitnessKind::Etcd);
+        assert_eq!(cfg.endpoints.len(), 2);
+        assert_eq!(cfg.key_prefix(), DEFAULT_ETCD_KEY_PREFIX);
+        assert_eq!(cfg.ca, dir.path().join("ca.pem"));
+        std::fs::write(&p, format!("{ETCD}key_prefix = \"/pairs/eu\"\n")).unwrap();
+        assert_eq!(
+            WitnessClientConfig::load(&p).unwrap().key_prefix(),
+            "/pairs/eu"
+        );
+    }
+
+    #[test]
+    fn bad_etcd_and_mixed_tables_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("node-a.toml");
+        let ftvm = "[witness]\naddress = \"127.0.0.1:7470\"\nserver_name = \"witness\"\ncluster = \"prod\"\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n";
+        let cases = [
+            (
+                ETCD.replace("https://10.0.1.5", "http://10.0.1.5"),
+                "witness.endpoints[0]",
+                "https://",
+            ),
+            (
+                ETCD.replace(":2379/", ""),
+                "witness.endpoints[1]",
+                "host:port",
+            ),
+            (
+                ETCD.replace("https://etcd-2.example:2379/", "https://10.0.1.5:2379"),
+                "witness.endpoints[1]",
+                "twice",
+            ),
+            (
+                ETCD.replace("endpoints = [", "endpoints = [] #"),
+                "witness.endpoints",
+                "1 to 16",
+            ),
+            (
+                format!("{ETCD}key_prefix = \"ftvm\"\n"),
+                "witness.key_prefix",
+                "start with '/'",
+            ),
+            (
+                format!("{ETCD}key_prefix = \"/ftvm/\"\n"),
+                "witness.key_prefix",
+                "not end",
+            ),
+            (
+                format!("{ETCD}address = \"127.0.0.1:7470\"\n"),
+                "witness.address",
+                "only for kind = \"ftvm\"",
+            ),
+            (
+                ETCD.replace("\"etcd\"", "\"zookeeper\""),
+                "witness.kind",
+                "unknown variant",
+            ),
+            (
+                format!("{ftvm}endpoints = [\"https://a:1\"]\n"),
+                "witness.endpoints",
+                "only for kind = \"etcd\"",
+            ),
+            (
+                format!("{ftvm}key_prefix = \"/x\"\n"),
+                "witness.key_prefix",
+                "only for kind = \"etcd\"",
+            ),
+            (
+                ftvm.replace("address = \"127.0.0.1:7470\"\n", ""),
+                "witness.address",
+                "required",
+            ),
+            (
+                ftvm.replace("server_name = \"witness\"\n", ""),
+                "witness.server_name",
+                "required",
+            ),
+        ];
+        for (text, key, why) in cases {
+            std::fs::write(&p, &text).unwrap();
+            let err = WitnessClientConfig::load(&p).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+            assert!(err.contains(why), "{key}: {err}");
+            assert!(err.contains("node-a.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn control_table_must_reach_an_ftvm_witness() {
+        let text = format!("{GOOD}\n[control]\nkind = \"etcd\"\nendpoints = [\"https://a:2379\"]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n");
+        let (_d, p) = write(&text);
+        let err = WitnessConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("`control.kind`"), "{err}");
     }
 }

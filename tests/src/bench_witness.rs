@@ -1,12 +1,20 @@
-//! Witness benchmark: claim latency and throughput against a real
-//! `ftvm-witness` process on loopback (QUIC with mutual TLS), with every
-//! grant flushed to its sled database before it is answered.
+//! Witness benchmark: claim latency and throughput of both backends in one
+//! run, through the same client interface ([`WitnessBackend`]): a real
+//! `ftvm-witness` process (QUIC with mutual TLS, every grant flushed to its
+//! sled database before it is answered) and a real three-member etcd
+//! cluster (gRPC over TLS with client certificates, every grant a raft
+//! commit fsynced on a majority). Both run in the network namespaces of an
+//! [`EtcdLab`] (the witness in the first member's), and the clients in the
+//! lab's client namespace, so both pay the same veth and bridge hops. When
+//! the lab cannot run here (no root, etcd or nft), only `ftvm-witness` is
+//! measured, on loopback, and the section says why.
 
+use crate::etcd_lab::{self, EtcdLab};
 use crate::report::Table;
 use anyhow::{anyhow, bail, Context};
 use ftvm_transport::pki;
 use ftvm_transport::quic::{QuicOptions, TlsFiles};
-use ftvm_witness::{ClaimOutcome, ClientOptions, WitnessClient};
+use ftvm_witness::{ClaimOutcome, ClientOptions, WitnessBackend, WitnessClient};
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -43,7 +51,7 @@ fn client(pki_dir: &Path, node: &str, addr: SocketAddr) -> anyhow::Result<Witnes
     Ok(WitnessClient::new(
         &addr.to_string(),
         "witness",
-        Some("bench".to_string()),
+        Some(etcd_lab::CLUSTER.to_string()),
         &tls(pki_dir, node),
         ClientOptions {
             connect_timeout: Duration::from_secs(5),
@@ -55,25 +63,35 @@ fn client(pki_dir: &Path, node: &str, addr: SocketAddr) -> anyhow::Result<Witnes
     )?)
 }
 
-fn start(bin_dir: &Path, dir: &Path) -> anyhow::Result<(Proc, SocketAddr)> {
+/// Starts `ftvm-witness` listening on `listen`, through `launch` (the
+/// binary itself, or `ip netns exec NS` in front of it).
+fn start(
+    bin_dir: &Path,
+    dir: &Path,
+    listen: &str,
+    launch: impl FnOnce(&Path) -> Command,
+) -> anyhow::Result<(Proc, SocketAddr)> {
     let cfg = dir.join("witness.toml");
     std::fs::write(
         &cfg,
-        r#"[server]
+        format!(
+            r#"[server]
 node = "witness"
-listen = "127.0.0.1:0"
+listen = "{listen}"
 db = "witness.db"
 ca = "pki/ca.pem"
 cert = "pki/witness.pem"
 key = "pki/witness.key"
 
 [[cluster]]
-name = "bench"
+name = "{}"
 members = ["node-a", "node-b"]
 "#,
+            etcd_lab::CLUSTER
+        ),
     )?;
     let bin = bin_dir.join("ftvm-witness");
-    let mut child = Command::new(&bin)
+    let mut child = launch(&bin)
         .args(["run", "--config"])
         .arg(&cfg)
         .env("RUST_LOG", "info")
@@ -125,9 +143,11 @@ fn stats(mut lat: Vec<Duration>, claims: u64, wall: Duration) -> Stats {
     }
 }
 
-async fn measure(pki_dir: &Path, addr: SocketAddr) -> anyhow::Result<Vec<(&'static str, Stats)>> {
-    let a = client(pki_dir, "node-a", addr)?;
-    let b = client(pki_dir, "node-b", addr)?;
+/// The three workloads with two members' clients of one backend.
+async fn measure(
+    a: &dyn WitnessBackend,
+    b: &dyn WitnessBackend,
+) -> anyhow::Result<Vec<(&'static str, Stats)>> {
     let mut epoch = 0u64;
     for _ in 0..WARMUP {
         match a.claim(epoch).await? {
@@ -188,13 +208,35 @@ async fn measure(pki_dir: &Path, addr: SocketAddr) -> anyhow::Result<Vec<(&'stat
         lat.push(t.elapsed());
     }
     let denied = stats(lat, DENIALS, t0.elapsed());
-    a.close().await;
-    b.close().await;
     Ok(vec![
-        ("grant, one member (write + flush each)", grants),
-        ("race, two members per epoch (1 grant + 1 denial)", race),
+        ("grant, one node (a durable write each)", grants),
+        ("race, two nodes per epoch (1 grant + 1 denial)", race),
         ("stale claim, denied (no write)", denied),
     ])
+}
+
+/// Measures `ftvm-witness` at `addr` (clients made where this runs).
+async fn measure_ftvm(
+    pki_dir: &Path,
+    addr: SocketAddr,
+) -> anyhow::Result<Vec<(&'static str, Stats)>> {
+    let a = client(pki_dir, "node-a", addr)?;
+    let b = client(pki_dir, "node-b", addr)?;
+    let rows = measure(&a, &b).await;
+    a.close().await;
+    b.close().await;
+    rows
+}
+
+/// Measures the lab's etcd cluster (clients reach every member).
+async fn measure_etcd(lab: &EtcdLab) -> anyhow::Result<Vec<(&'static str, Stats)>> {
+    let all: Vec<usize> = (0..etcd_lab::MEMBERS).collect();
+    let a = ftvm_witness::from_config(&lab.node_config("node-a", &all, 1, 5000)?)?;
+    let b = ftvm_witness::from_config(&lab.node_config("node-b", &all, 1, 5000)?)?;
+    let rows = measure(&*a, &*b).await;
+    a.close().await;
+    b.close().await;
+    rows
 }
 
 /// Runs the witness benchmark with the `ftvm-witness` binary in `bin_dir`
@@ -203,20 +245,73 @@ pub fn run(bin_dir: &Path) -> anyhow::Result<String> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let p = dir.join("pki");
-    pki::init_ca(&p)?;
-    for n in ["witness", "node-a", "node-b"] {
-        pki::issue_node(&p, n)?;
-    }
-    let (_proc, addr) = start(bin_dir, dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let rows = rt.block_on(measure(&p, addr))?;
+    let mut rows = Vec::new();
+    let setting = match etcd_lab::missing() {
+        None => {
+            // The lab makes the PKI (nodes, operator, members); add the witness.
+            let lab = EtcdLab::start(dir)?;
+            pki::issue_node(&p, "witness")?;
+            let ns = lab.members[0].ns.name.clone();
+            let listen = format!("{}:7470", lab.members[0].ip);
+            let (_proc, addr) = start(bin_dir, dir, &listen, |bin| {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns]).arg(bin);
+                c
+            })?;
+            let (ftvm, etcd) = lab.clients.block_on(|| async {
+                let ftvm = measure_ftvm(&p, addr).await?;
+                let etcd = measure_etcd(&lab).await?;
+                Ok::<_, anyhow::Error>((ftvm, etcd))
+            })??;
+            rows.extend(ftvm.into_iter().map(|(w, s)| ("ftvm-witness", w, s)));
+            rows.extend(etcd.into_iter().map(|(w, s)| ("etcd, 3 members", w, s)));
+            format!(
+                "Both backends in one run, through the same client interface. `ftvm-witness`: \
+                 one process, QUIC with mutual TLS (one connection per node, one stream per \
+                 request); every grant written to sled and flushed to disk before it is \
+                 answered; denials write nothing. etcd {}: three members (Debian's \
+                 etcd-server), gRPC over TLS with client certificates, default heartbeat and \
+                 election settings; a claim is a linearizable GET then, for a grant, one \
+                 compare-and-put transaction, answered once raft committed it (WAL fsynced on \
+                 a majority); a denial is the GET alone, and a lost race a failed \
+                 transaction and a second GET. Each backend and each etcd member runs in its \
+                 own network namespace (the witness in the first member's), the clients in \
+                 another, all joined by veth pairs to one bridge.",
+                etcd_version()
+            )
+        }
+        Some(why) => {
+            pki::init_ca(&p)?;
+            for n in ["witness", "node-a", "node-b"] {
+                pki::issue_node(&p, n)?;
+            }
+            let (_proc, addr) = start(bin_dir, dir, "127.0.0.1:0", |bin| Command::new(bin))?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let ftvm = rt.block_on(measure_ftvm(&p, addr))?;
+            rows.extend(ftvm.into_iter().map(|(w, s)| ("ftvm-witness", w, s)));
+            format!(
+                "`ftvm-witness` only, on 127.0.0.1 (etcd not measured: {why}). One process, QUIC \
+                 with mutual TLS (one connection per node, one stream per request); every \
+                 grant written to sled and flushed to disk before it is answered; denials \
+                 write nothing."
+            )
+        }
+    };
 
-    let mut t = Table::new(&["workload", "claims", "p50 (µs)", "p99 (µs)", "claims/s"]);
-    for (name, s) in &rows {
+    let mut t = Table::new(&[
+        "backend",
+        "workload",
+        "claims",
+        "p50 (µs)",
+        "p99 (µs)",
+        "claims/s",
+    ]);
+    for (backend, name, s) in &rows {
         t.row(vec![
+            backend.to_string(),
             name.to_string(),
             s.n.to_string(),
             s.p50.as_micros().to_string(),
@@ -230,14 +325,28 @@ pub fn run(bin_dir: &Path) -> anyhow::Result<String> {
         .unwrap_or_else(|| "unknown".into());
     Ok(format!(
         "## Witness claims\n\n\
-         One `ftvm-witness` process on 127.0.0.1, clients over QUIC with mutual TLS \
-         (one connection per member, one stream per request), the client's time from \
-         sending a claim to reading the answer. Every grant is written to sled and \
-         flushed to disk before it is answered (database on {fs_note}); denials write \
-         nothing. Decisions are logged at `info`. {} cores.\n\n{}",
+         {setting} Latency is the client's time from sending a claim to reading the \
+         answer. Databases and etcd data directories on {fs_note}. Decisions are logged at \
+         `info`. {} cores.\n\n{}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         t.to_markdown()
     ))
+}
+
+/// `etcd --version`'s first line's version, for the report.
+fn etcd_version() -> String {
+    Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("etcd Version: "))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "(version unknown)".into())
 }
 
 /// The filesystem type of the longest mount point holding `dir`.

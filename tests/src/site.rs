@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// True when the test can create namespaces and TAP devices; otherwise
-/// prints a SKIPPED line with the reason.
-pub fn root_available(test: &str) -> bool {
+/// Why this process cannot create namespaces and TAP devices, if it cannot.
+pub fn root_missing() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    let why = if euid != 0 {
+    if euid != 0 {
         Some("not running as root (network namespaces and TAP devices need root)".to_string())
     } else if !Path::new("/dev/net/tun").exists() {
         Some("/dev/net/tun is missing".to_string())
@@ -22,8 +21,13 @@ pub fn root_available(test: &str) -> bool {
         Some("the `ip` command (iproute2) is missing".to_string())
     } else {
         None
-    };
-    match why {
+    }
+}
+
+/// True when the test can create namespaces and TAP devices; otherwise
+/// prints a SKIPPED line with the reason.
+pub fn root_available(test: &str) -> bool {
+    match root_missing() {
         Some(w) => crate::skip(test, &w),
         None => true,
     }
@@ -61,17 +65,22 @@ pub fn python_with_redis(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// Why `tool` cannot run here (naming its Debian package), if it cannot.
+pub fn tool_missing(tool: &str, package: &str) -> Option<String> {
+    if Command::new(tool).arg("--version").output().is_ok() {
+        return None;
+    }
+    Some(format!(
+        "`{tool}` is not installed (Debian package {package}; scripts/setup.sh installs it)"
+    ))
+}
+
 /// True when `tool` runs; otherwise prints a SKIPPED line naming the package.
 pub fn tool_available(test: &str, tool: &str, package: &str) -> bool {
-    if Command::new(tool).arg("--version").output().is_ok() {
-        return true;
+    match tool_missing(tool, package) {
+        Some(w) => crate::skip(test, &w),
+        None => true,
     }
-    crate::skip(
-        test,
-        &format!(
-            "`{tool}` is not installed (Debian package {package}; scripts/setup.sh installs it)"
-        ),
-    )
 }
 
 fn run(cmd: &mut Command) -> Result<Output> {
@@ -138,6 +147,47 @@ impl NetNs {
                 .join()
                 .map_err(|_| anyhow::anyhow!("the thread in namespace {} panicked", self.name))?
         })
+    }
+
+    /// Runs the future `make` returns to completion on a tokio runtime whose
+    /// threads all live in this namespace: a thread enters it first, then
+    /// builds the runtime (threads inherit the namespace of the thread that
+    /// creates them), so every socket the future opens is inside.
+    pub fn block_on<Fut: std::future::Future>(
+        &self,
+        make: impl FnOnce() -> Fut + Send,
+    ) -> Result<Fut::Output>
+    where
+        Fut::Output: Send,
+    {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    self.enter_this_thread()?;
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .enable_all()
+                        .build()?;
+                    Ok(rt.block_on(make()))
+                })
+                .join()
+                // A failed assertion inside fails the caller the same way.
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Moves the calling thread (only) into this namespace.
+    fn enter_this_thread(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        // SAFETY: setns on a valid namespace file descriptor we keep open for
+        // the call; it changes the network namespace of this thread only.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            bail!("setns({path}): {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// A command that runs `program` inside the namespace.

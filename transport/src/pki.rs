@@ -29,6 +29,10 @@ pub enum CertsCommand {
         dir: PathBuf,
         #[arg(long)]
         node: String,
+        /// An IP address the certificate also names (repeatable): for
+        /// servers reached by address, such as etcd members.
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
     },
 }
 
@@ -79,7 +83,7 @@ pub fn node_files(dir: &Path, node: &str) -> (PathBuf, PathBuf) {
 pub fn run_certs(cmd: &CertsCommand) -> Result<(), PkiError> {
     match cmd {
         CertsCommand::Init { dir } => init_ca(dir),
-        CertsCommand::Issue { dir, node } => issue_node(dir, node),
+        CertsCommand::Issue { dir, node, ips } => issue_node_with_ips(dir, node, ips),
     }
 }
 
@@ -163,6 +167,16 @@ pub fn init_ca(dir: &Path) -> Result<(), PkiError> {
 /// `<node>.key`. The node name is the subject CN and a DNS SAN; the
 /// certificate is valid for both client and server authentication.
 pub fn issue_node(dir: &Path, node: &str) -> Result<(), PkiError> {
+    issue_node_with_ips(dir, node, &[])
+}
+
+/// Like [`issue_node`], with `ips` as IP address SANs as well (a server
+/// reached by address, e.g. an etcd member whose URLs name its IP).
+pub fn issue_node_with_ips(
+    dir: &Path,
+    node: &str,
+    ips: &[std::net::IpAddr],
+) -> Result<(), PkiError> {
     validate_node_name(node)?;
     let ca_cert_path = dir.join(CA_CERT_FILE);
     let ca_key_path = dir.join(CA_KEY_FILE);
@@ -195,6 +209,9 @@ pub fn issue_node(dir: &Path, node: &str) -> Result<(), PkiError> {
     dn.push(DnType::CommonName, node);
     params.distinguished_name = dn;
     params.subject_alt_names = vec![SanType::DnsName(node.try_into()?)];
+    params
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -265,6 +282,27 @@ mod tests {
         let der = crate::quic::load_certs(&dir.path().join("node-a.pem")).unwrap();
         assert!(!pem.is_empty());
         assert_eq!(crate::quic::node_name_from_cert(&der[0]).unwrap(), "node-a");
+    }
+
+    #[test]
+    fn ip_addresses_become_ip_sans_and_the_name_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path()).unwrap();
+        let ip: std::net::IpAddr = "10.77.0.11".parse().unwrap();
+        run_certs(&CertsCommand::Issue {
+            dir: dir.path().to_path_buf(),
+            node: "etcd-1".into(),
+            ips: vec![ip],
+        })
+        .unwrap();
+        let der = crate::quic::load_certs(&dir.path().join("etcd-1.pem")).unwrap();
+        assert_eq!(crate::quic::node_name_from_cert(&der[0]).unwrap(), "etcd-1");
+        let (_, cert) = x509_parser::parse_x509_certificate(der[0].as_ref()).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        assert!(san.value.general_names.iter().any(|n| matches!(
+            n,
+            x509_parser::extensions::GeneralName::IPAddress(b) if *b == [10, 77, 0, 11]
+        )));
     }
 
     #[test]

@@ -7,12 +7,13 @@
 //! [`ClientError::NoAnswer`], which is never a grant: the caller must not go
 //! live on it.
 
+use crate::backend::{BoxFuture, RetryPolicy, Tries, WitnessBackend};
 use crate::proto::{
     self, ClusterStatus, RefuseCode, Request, RequestBody, Response, ResponseBody, CLOSE_DONE,
     KIND_REQUEST, KIND_RESPONSE, PROTOCOL_VERSION,
 };
 use crate::server::ClaimOutcome;
-use ftvm_config::witness::WitnessClientConfig;
+use ftvm_config::witness::{WitnessClientConfig, WitnessKind};
 use ftvm_transport::frame::{read_frame_async, write_frame_async};
 use ftvm_transport::quic::{self, QuicError, QuicOptions, TlsFiles, ALPN_WITNESS};
 use ftvm_transport::quinn;
@@ -23,12 +24,18 @@ use std::time::Duration;
 pub enum ClientError {
     #[error("witness client setup: {0}")]
     Setup(#[from] QuicError),
+    /// The `[witness]` table cannot make this client (e.g. a required key is
+    /// missing because the table was not validated).
+    #[error("witness client setup: {0}")]
+    Config(String),
     #[error("no cluster configured for this witness client")]
     NoCluster,
     /// No answer after every attempt. This is NOT a grant.
-    #[error("no answer from the witness at {address} after {attempts} attempt(s) (last: {last}); this is not a grant")]
+    #[error(
+        "no answer from {target} after {attempts} attempt(s) (last: {last}); this is not a grant"
+    )]
     NoAnswer {
-        address: String,
+        target: String,
         attempts: u32,
         last: String,
     },
@@ -50,9 +57,20 @@ pub struct ClientOptions {
     pub quic: QuicOptions,
 }
 
+impl ClientOptions {
+    fn retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            attempts: self.attempts,
+            backoff: self.retry_backoff,
+        }
+    }
+}
+
 /// A connection to one witness, opened on first use and reopened after a fault.
 pub struct WitnessClient {
     address: String,
+    /// "the witness at <address>", for messages.
+    target: String,
     server_name: String,
     cluster: Option<String>,
     opts: ClientOptions,
@@ -77,11 +95,28 @@ impl WitnessClient {
     /// A client as described by a `[witness]` (or `[control]`) table. Reads
     /// and checks the PEM files now, naming any bad one.
     pub fn from_config(cfg: &WitnessClientConfig) -> Result<Self, ClientError> {
+        let missing = |k: &str| {
+            ClientError::Config(format!(
+                "an ftvm-witness client needs `{k}` in its [witness] table"
+            ))
+        };
+        if cfg.kind != WitnessKind::Ftvm {
+            return Err(ClientError::Config(format!(
+                "kind = {:?} is not an ftvm-witness",
+                cfg.kind.name()
+            )));
+        }
+        let address = cfg.address.as_deref().ok_or_else(|| missing("address"))?;
+        let server_name = cfg
+            .server_name
+            .as_deref()
+            .ok_or_else(|| missing("server_name"))?;
+        let retry = RetryPolicy::from_config(cfg);
         let opts = ClientOptions {
             connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
-            attempts: cfg.attempts.max(1),
-            retry_backoff: Duration::from_millis(cfg.retry_backoff_ms),
+            attempts: retry.attempts,
+            retry_backoff: retry.backoff,
             quic: QuicOptions {
                 keep_alive: Duration::from_millis(cfg.keep_alive_ms),
                 idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
@@ -95,13 +130,7 @@ impl WitnessClient {
             cert: cfg.cert.clone(),
             key: cfg.key.clone(),
         };
-        Self::new(
-            &cfg.address,
-            &cfg.server_name,
-            cfg.cluster.clone(),
-            &tls,
-            opts,
-        )
+        Self::new(address, server_name, cfg.cluster.clone(), &tls, opts)
     }
 
     /// A client for the witness at `address` (`host:port`) whose certificate
@@ -116,6 +145,7 @@ impl WitnessClient {
         let config = quic::client_config(tls, &[ALPN_WITNESS], &opts.quic)?;
         Ok(WitnessClient {
             address: address.to_string(),
+            target: format!("the witness at {address}"),
             server_name: server_name.to_string(),
             cluster,
             opts,
@@ -162,14 +192,8 @@ impl WitnessClient {
 
     /// The state of the configured cluster.
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
-        let cluster = self.cluster.clone().ok_or(ClientError::NoCluster)?;
-        let mut all = self.status_of(Some(&cluster)).await?;
-        match all.pop() {
-            Some(s) if all.is_empty() && s.name == cluster => Ok(s),
-            _ => Err(ClientError::Protocol(
-                "status answer for another cluster".into(),
-            )),
-        }
+        let cluster = self.cluster.as_deref().ok_or(ClientError::NoCluster)?;
+        self.status_in(cluster).await
     }
 
     /// The state of `cluster`, or of every cluster (operators only).
@@ -196,13 +220,8 @@ impl WitnessClient {
         })
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let mut state = self.state.lock().await;
-        let mut last = String::new();
-        let mut backoff = self.opts.retry_backoff;
-        for attempt in 1..=self.opts.attempts {
-            if attempt > 1 {
-                tokio::time::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2);
-            }
+        let mut tries = Tries::new(self.opts.retry(), &self.target);
+        while tries.next().await.is_some() {
             match self.attempt(&mut state, &payload).await {
                 Ok(resp) => {
                     return match resp.body {
@@ -213,21 +232,16 @@ impl WitnessClient {
                     }
                 }
                 Err(Transient(why)) => {
-                    tracing::warn!(address = %self.address, attempt, attempts = self.opts.attempts, reason = %why, "witness request got no answer");
                     // Start over with a fresh connection.
                     if let Some((ep, conn)) = state.take() {
                         conn.close(CLOSE_DONE.into(), b"retry");
                         ep.close(CLOSE_DONE.into(), b"retry");
                     }
-                    last = why;
+                    tries.failed(why);
                 }
             }
         }
-        Err(ClientError::NoAnswer {
-            address: self.address.clone(),
-            attempts: self.opts.attempts,
-            last,
-        })
+        Err(tries.no_answer())
     }
 
     async fn resolve(&self) -> Result<SocketAddr, Transient> {
@@ -303,5 +317,50 @@ impl WitnessClient {
             conn.close(CLOSE_DONE.into(), b"bye");
             ep.wait_idle().await;
         }
+    }
+}
+
+impl WitnessBackend for WitnessClient {
+    fn kind(&self) -> WitnessKind {
+        WitnessKind::Ftvm
+    }
+
+    fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn cluster(&self) -> Option<&str> {
+        self.cluster.as_deref()
+    }
+
+    fn claim_in<'a>(
+        &'a self,
+        cluster: &'a str,
+        epoch_seen: u64,
+    ) -> BoxFuture<'a, Result<ClaimOutcome, ClientError>> {
+        Box::pin(WitnessClient::claim_in(self, cluster, epoch_seen))
+    }
+
+    fn status_in<'a>(
+        &'a self,
+        cluster: &'a str,
+    ) -> BoxFuture<'a, Result<ClusterStatus, ClientError>> {
+        Box::pin(async move {
+            let mut all = self.status_of(Some(cluster)).await?;
+            match all.pop() {
+                Some(s) if all.is_empty() && s.name == cluster => Ok(s),
+                _ => Err(ClientError::Protocol(
+                    "status answer for another cluster".into(),
+                )),
+            }
+        })
+    }
+
+    fn status_all(&self) -> BoxFuture<'_, Result<Vec<ClusterStatus>, ClientError>> {
+        Box::pin(self.status_of(None))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(WitnessClient::close(self))
     }
 }

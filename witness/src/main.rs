@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ftvm_config::witness::{WitnessClientConfig, WitnessConfig};
+use ftvm_witness::backend::error_chain;
 use ftvm_witness::proto::ClusterStatus;
 use ftvm_witness::{server, ClaimOutcome, ClientError, Store, WitnessClient};
 use std::io::Write;
@@ -30,16 +31,21 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Print each cluster's epoch and holder: asks the running witness over
-    /// QUIC when the config has a [control] table, else reads the database
-    /// (only possible while no witness holds it).
+    /// Print each cluster's epoch and holder. With a witness file: asks the
+    /// running witness over QUIC when it has a [control] table, else reads
+    /// the database (only possible while no witness holds it). With a node
+    /// file ([witness], kind "ftvm" or "etcd"): asks that witness about
+    /// --cluster, else the file's cluster, else every cluster.
     Status {
         #[arg(long)]
         config: PathBuf,
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// Claim epoch E+1 of cluster C by hand, as the node whose certificate the
-    /// config names (a node file with [witness], or a witness file with
-    /// [control]). Prints `GRANTED epoch=<n>` or `DENIED holder=<node> epoch=<n>`.
+    /// config names (a node file with [witness], kind "ftvm" or "etcd", or a
+    /// witness file with [control]). Prints `GRANTED epoch=<n>` or
+    /// `DENIED holder=<node> epoch=<n>`.
     Claim {
         #[arg(long)]
         config: PathBuf,
@@ -80,7 +86,9 @@ fn main() -> ExitCode {
     let res = rt.block_on(async {
         match cli.cmd {
             Cmd::Run { config } => run(&config).await.map(|()| ExitCode::SUCCESS),
-            Cmd::Status { config } => status(&config).await.map(|()| ExitCode::SUCCESS),
+            Cmd::Status { config, cluster } => status(&config, cluster.as_deref())
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Cmd::Claim {
                 config,
                 cluster,
@@ -91,29 +99,10 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ftvm-witness: error: {}", chain(&e));
+            eprintln!("ftvm-witness: error: {}", error_chain(e.as_ref()));
             ExitCode::from(2)
         }
     }
-}
-
-/// The error and its causes, skipping a cause whose text the previous
-/// message already contains.
-fn chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    let mut prev = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if prev.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-        prev = text;
-    }
-    out
 }
 
 async fn run(config: &Path) -> anyhow::Result<()> {
@@ -153,11 +142,25 @@ fn print_status(clusters: &[ClusterStatus]) {
     }
 }
 
-async fn status(config: &Path) -> anyhow::Result<()> {
+async fn status(config: &Path, cluster: Option<&str>) -> anyhow::Result<()> {
+    if let Some(node) = node_config(config)? {
+        let client = ftvm_witness::from_config(&node)?;
+        let clusters = match cluster.or(node.cluster.as_deref()) {
+            Some(c) => client.status_in(c).await.map(|s| vec![s]),
+            None => client.status_all().await,
+        };
+        client.close().await;
+        print_status(&clusters.with_context(|| format!("status from {}", client.target()))?);
+        return Ok(());
+    }
     let cfg = WitnessConfig::load(config)?;
     if let Some(control) = &cfg.control {
         let client = WitnessClient::from_config(control)?;
-        match client.status_of(None).await {
+        let asked = match cluster {
+            Some(c) => client.status_of(Some(c)).await,
+            None => client.status_of(None).await,
+        };
+        match asked {
             Ok(clusters) => {
                 print_status(&clusters);
                 client.close().await;
@@ -177,6 +180,7 @@ async fn status(config: &Path) -> anyhow::Result<()> {
     let clusters: Vec<ClusterStatus> = cfg
         .clusters
         .iter()
+        .filter(|c| cluster.is_none_or(|want| want == c.name))
         .map(|c| {
             store.get(&c.name).map(|st| ClusterStatus {
                 name: c.name.clone(),
@@ -185,17 +189,30 @@ async fn status(config: &Path) -> anyhow::Result<()> {
             })
         })
         .collect::<Result<_, _>>()?;
+    if let Some(want) = cluster {
+        if clusters.is_empty() {
+            anyhow::bail!("{}: serves no cluster {want:?}", config.display());
+        }
+    }
     print_status(&clusters);
     Ok(())
 }
 
-/// A node file (`[witness]`) or a witness file with `[control]`.
-fn client_config(config: &Path) -> anyhow::Result<WitnessClientConfig> {
+/// The `[witness]` table of a node file, or `None` for a witness file.
+fn node_config(config: &Path) -> anyhow::Result<Option<WitnessClientConfig>> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("{}: cannot read config", config.display()))?;
     let value: toml::Table = ftvm_config::parse_toml(config, &text)?;
     if value.contains_key("witness") {
-        return Ok(WitnessClientConfig::load(config)?);
+        return Ok(Some(WitnessClientConfig::load(config)?));
+    }
+    Ok(None)
+}
+
+/// A node file (`[witness]`) or a witness file with `[control]`.
+fn client_config(config: &Path) -> anyhow::Result<WitnessClientConfig> {
+    if let Some(node) = node_config(config)? {
+        return Ok(node);
     }
     let cfg = WitnessConfig::load(config)?;
     cfg.control.ok_or_else(|| {
@@ -208,7 +225,7 @@ fn client_config(config: &Path) -> anyhow::Result<WitnessClientConfig> {
 
 async fn claim(config: &Path, cluster: &str, epoch: u64) -> anyhow::Result<ExitCode> {
     let cfg = client_config(config)?;
-    let client = WitnessClient::from_config(&cfg)?;
+    let client = ftvm_witness::from_config(&cfg)?;
     let outcome = client.claim_in(cluster, epoch).await;
     client.close().await;
     match outcome? {

@@ -1,6 +1,7 @@
 //! The witness: claim decisions ([`Witness`]) and the QUIC service around
 //! them ([`serve`]).
 
+use crate::decide::{decide, log_decision, Decision};
 use crate::proto::{
     self, ClusterStatus, RefuseCode, Request, RequestBody, Response, ResponseBody, CLOSE_BAD_FRAME,
     CLOSE_BAD_IDENTITY, CLOSE_SHUTDOWN, KIND_REQUEST, KIND_RESPONSE, PROTOCOL_VERSION,
@@ -105,59 +106,22 @@ impl Witness {
         }
         let _guard = self.decide.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.store.get(cluster)?;
-        let outcome = if epoch_seen == cur.epoch {
-            let next = epoch_seen
-                .checked_add(1)
-                .ok_or(WitnessError::EpochOverflow(epoch_seen))?;
-            let new = ClusterState {
-                epoch: next,
-                holder: Some(node.to_string()),
-            };
-            if let Err(e) = self.store.put_durable(cluster, &new) {
-                tracing::error!(cluster, node, epoch = next, error = %e, outcome = "failed", "could not persist grant; not granted");
-                return Err(e.into());
-            }
-            ClaimOutcome::Granted { epoch: next }
-        } else if epoch_seen.checked_add(1) == Some(cur.epoch)
-            && cur.holder.as_deref() == Some(node)
-        {
-            ClaimOutcome::Granted { epoch: cur.epoch }
-        } else {
-            if epoch_seen > cur.epoch {
-                tracing::warn!(
-                    cluster,
-                    node,
-                    epoch_seen,
-                    epoch = cur.epoch,
-                    "claim names an epoch this witness never granted"
-                );
-            }
-            ClaimOutcome::Denied {
-                holder: cur.holder.clone(),
-                epoch: cur.epoch,
-            }
-        };
-        match &outcome {
-            ClaimOutcome::Granted { epoch } => {
-                tracing::info!(
-                    cluster,
-                    node,
-                    epoch_seen,
+        let outcome = match decide(&cur, cluster, node, epoch_seen) {
+            Decision::Grant { epoch } => {
+                let new = ClusterState {
                     epoch,
-                    outcome = "granted",
-                    "claim decided"
-                )
+                    holder: Some(node.to_string()),
+                };
+                if let Err(e) = self.store.put_durable(cluster, &new) {
+                    tracing::error!(cluster, node, epoch, error = %e, outcome = "failed", "could not persist grant; not granted");
+                    return Err(e.into());
+                }
+                ClaimOutcome::Granted { epoch }
             }
-            ClaimOutcome::Denied { holder, epoch } => tracing::info!(
-                cluster,
-                node,
-                epoch_seen,
-                epoch,
-                holder = holder.as_deref().unwrap_or("-"),
-                outcome = "denied",
-                "claim decided"
-            ),
-        }
+            Decision::Answer(outcome) => outcome,
+            Decision::Overflow => return Err(WitnessError::EpochOverflow(epoch_seen)),
+        };
+        log_decision("ftvm", cluster, node, epoch_seen, &outcome);
         Ok(outcome)
     }
 
@@ -370,10 +334,15 @@ async fn handle_connection(
         let opts = opts.clone();
         let node = node.clone();
         tokio::spawn(async move {
-            if let Err(reason) = handle_stream(send, recv, &witness, &opts, &node).await {
+            let mut send = send;
+            if let Err(reason) = handle_stream(&mut send, recv, &witness, &opts, &node).await {
                 tracing::warn!(%remote, node, %reason, "closing connection: bad frame");
+                // Close while the stream is still open: dropping a quinn send
+                // stream finishes it, and a client that saw that clean end
+                // before the close would not learn why it got no answer.
                 conn.close(CLOSE_BAD_FRAME.into(), reason.as_bytes());
             }
+            drop(send);
         });
     }
 }
@@ -381,7 +350,7 @@ async fn handle_connection(
 /// Serves requests on one stream until the client finishes it. An `Err` is
 /// a frame-level fault: the caller closes the connection with that reason.
 async fn handle_stream(
-    mut send: quinn::SendStream,
+    send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     witness: &Arc<Witness>,
     opts: &ServeOptions,
@@ -432,7 +401,7 @@ async fn handle_stream(
         })
         .map_err(|e| e.to_string())?;
         if let Err(e) =
-            write_frame_async(&mut send, KIND_RESPONSE, &bytes, proto::MAX_RESPONSE_FRAME).await
+            write_frame_async(send, KIND_RESPONSE, &bytes, proto::MAX_RESPONSE_FRAME).await
         {
             tracing::debug!(node, reason = %e, "could not send the answer");
             return Ok(());

@@ -4,6 +4,16 @@
 //! only issues `sync_file_range` on Linux, which does not make the write
 //! survive a power loss).
 //!
+//! Creating a database is made safe against a kill at any moment: the
+//! directory gets a `ftvm-witness-creating` file, made durable before sled
+//! writes anything, and removed (durably) only once the format marker is on
+//! disk. A directory holding that file therefore never served a claim, and
+//! the next start clears it and creates the database again. A directory
+//! without it and without the format marker is refused (it may be a
+//! damaged database that did serve claims). Every open holds
+//! `ftvm-witness.lock` (flock) in the directory, so two processes never
+//! decide about the same directory at once.
+//!
 //! Layout: the default tree holds `format` = [`STORE_FORMAT`]; the tree
 //! `clusters` maps a cluster name to a record encoded as postcard
 //! `(format: u8, epoch: u64, holder: Option<String>)` followed by a CRC-32 of
@@ -19,6 +29,16 @@ const FORMAT_KEY: &[u8] = b"ftvm-witness-format";
 const CLUSTERS_TREE: &[u8] = b"clusters";
 /// sled 0.34's data file inside the database directory.
 const SLED_DATA_FILE: &str = "db";
+/// sled 0.34's settings file (written without fsync by sled).
+const SLED_CONF_FILE: &str = "conf";
+/// What sled 0.34 creates in its directory besides `db` and `conf`.
+const SLED_BLOBS_DIR: &str = "blobs";
+const SLED_SNAPSHOT_PREFIX: &str = "snap.";
+/// Present from before sled creates its files until the format marker is
+/// durable: a directory holding it never served a claim.
+pub const CREATING_FILE: &str = "ftvm-witness-creating";
+/// Held (flock) by every process that has the database open.
+pub const LOCK_FILE: &str = "ftvm-witness.lock";
 
 /// The state of one cluster: the last granted epoch and who holds it.
 /// A cluster never claimed is at epoch 0 with no holder.
@@ -39,6 +59,8 @@ struct Record {
 pub enum StoreError {
     #[error("database {path}: does not exist")]
     Missing { path: PathBuf },
+    #[error("database {path}: not created yet ({message}); `ftvm-witness run` creates it")]
+    NotCreated { path: PathBuf, message: String },
     #[error("database {path}: is not a directory")]
     NotADirectory { path: PathBuf },
     #[error("database {path}: is locked by another process (is an ftvm-witness running on it?): {message}")]
@@ -60,6 +82,19 @@ pub struct Store {
     /// sled's own flush uses `sync_file_range` on Linux, which neither
     /// flushes the drive's write cache nor the file's metadata.
     data_file: std::fs::File,
+    /// [`LOCK_FILE`], locked for as long as the store is open.
+    _lock: std::fs::File,
+}
+
+/// What a database directory holds when a process (holding the lock) looks.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// Nothing (or only the lock file): a new database.
+    Nothing,
+    /// [`CREATING_FILE`] and whatever sled wrote before a kill.
+    InterruptedCreation(Vec<String>),
+    /// A database (checked further once sled opens it).
+    Database,
 }
 
 impl std::fmt::Debug for Store {
@@ -81,13 +116,9 @@ impl Store {
 
     fn open_inner(path: &Path, create: bool) -> Result<Store, StoreError> {
         let p = path.to_path_buf();
-        // A database is new only if its directory is absent or empty. An
-        // existing one that comes back without our marker was damaged (sled
-        // may open a corrupt data file as an empty database): it is refused,
-        // never silently started over, since that would forget grants.
-        let fresh = match std::fs::read_dir(path) {
-            Ok(mut entries) => entries.next().is_none(),
-            Err(_) => true,
+        let io_err = |path: &Path, what: &str, e: std::io::Error| StoreError::Io {
+            path: path.to_path_buf(),
+            message: format!("{what}: {e}"),
         };
         match std::fs::metadata(path) {
             Ok(m) if !m.is_dir() => return Err(StoreError::NotADirectory { path: p }),
@@ -95,6 +126,10 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if !create {
                     return Err(StoreError::Missing { path: p });
+                }
+                std::fs::create_dir_all(path).map_err(|e| io_err(path, "create", e))?;
+                if let Some(parent) = path.parent() {
+                    sync_dir(parent)?;
                 }
             }
             Err(e) => {
@@ -104,6 +139,43 @@ impl Store {
                 })
             }
         }
+        let lock = lock_dir(path)?;
+        let found = look(path)?;
+        let new_database = match (&found, create) {
+            (Found::Database, _) => false,
+            (Found::Nothing, false) => {
+                return Err(StoreError::NotCreated {
+                    path: p,
+                    message: "the directory is empty".into(),
+                })
+            }
+            (Found::InterruptedCreation(_), false) => {
+                return Err(StoreError::NotCreated {
+                    path: p,
+                    message: "a first start was stopped while creating it; it never served a claim"
+                        .into(),
+                })
+            }
+            (Found::Nothing, true) => {
+                write_durably(&path.join(CREATING_FILE))?;
+                sync_dir(path)?;
+                true
+            }
+            (Found::InterruptedCreation(left), true) => {
+                tracing::warn!(db = %path.display(), left = ?left, "a previous start was stopped while creating this database (it never served a claim): creating it again");
+                for name in left {
+                    let entry = path.join(name);
+                    let removed = if name == SLED_BLOBS_DIR {
+                        std::fs::remove_dir_all(&entry)
+                    } else {
+                        std::fs::remove_file(&entry)
+                    };
+                    removed.map_err(|e| io_err(&entry, "remove", e))?;
+                }
+                sync_dir(path)?;
+                true
+            }
+        };
         // sled may panic on some corrupt files instead of returning an error;
         // either way the store is refused.
         let opened = std::panic::catch_unwind(|| sled::Config::new().path(path).open());
@@ -145,10 +217,41 @@ impl Store {
             db,
             clusters,
             data_file,
+            _lock: lock,
         };
-        store.check_format(create && fresh)?;
+        if new_database {
+            store.create_format()?;
+        }
+        store.check_format()?;
         store.check_records()?;
         Ok(store)
+    }
+
+    /// Writes the format marker of a new database and makes it durable, then
+    /// removes [`CREATING_FILE`] (durably): from then on the directory is a
+    /// witness database and may serve claims.
+    fn create_format(&self) -> Result<(), StoreError> {
+        if !self.clusters.is_empty() || !self.db.is_empty() {
+            return Err(self.corrupt("a database being created already holds records".into()));
+        }
+        self.db
+            .insert(FORMAT_KEY, &[STORE_FORMAT])
+            .map_err(|e| io(&self.path, e))?;
+        self.flush()?;
+        let conf = self.path.join(SLED_CONF_FILE);
+        std::fs::File::open(&conf)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StoreError::Io {
+                path: conf,
+                message: format!("fsync: {e}"),
+            })?;
+        sync_dir(&self.path)?;
+        let creating = self.path.join(CREATING_FILE);
+        std::fs::remove_file(&creating).map_err(|e| StoreError::Io {
+            path: creating,
+            message: format!("remove: {e}"),
+        })?;
+        sync_dir(&self.path)
     }
 
     fn corrupt(&self, message: String) -> StoreError {
@@ -158,31 +261,25 @@ impl Store {
         }
     }
 
-    fn check_format(&self, new_database: bool) -> Result<(), StoreError> {
+    fn check_format(&self) -> Result<(), StoreError> {
         match self.db.get(FORMAT_KEY).map_err(|e| io(&self.path, e))? {
             Some(v) if v.as_ref() == [STORE_FORMAT] => Ok(()),
             Some(v) => Err(self.corrupt(format!(
                 "unknown store format {:?} (this build reads format {STORE_FORMAT})",
                 v.as_ref()
             ))),
-            None => {
-                if !self.clusters.is_empty() || !self.db.is_empty() {
-                    return Err(self.corrupt("records present but no format marker".into()));
-                }
-                if !new_database {
-                    return Err(self.corrupt(
-                        "the directory holds no witness data (format marker missing); \
-                         refusing to treat it as a new database (move it aside to start over)"
-                            .into(),
-                    ));
-                }
-                self.db
-                    .insert(FORMAT_KEY, &[STORE_FORMAT])
-                    .map_err(|e| io(&self.path, e))?;
-                self.flush()?;
-                self.sync_dir()?;
-                Ok(())
+            None if !self.clusters.is_empty() || !self.db.is_empty() => {
+                Err(self.corrupt("records present but no format marker".into()))
             }
+            None => Err(self.corrupt(format!(
+                "the directory holds no witness data (format marker missing) and is not \
+                 a creation this witness was stopped in; refusing to treat it as a new \
+                 database, which could forget grants. Witnesses before this one, killed \
+                 while creating a database, left such directories (blobs/, conf, db and \
+                 nothing else): if you know that no witness ever served a claim from it, \
+                 remove it (`rm -r {}`) and start again; otherwise restore it from a backup",
+                self.path.display()
+            ))),
         }
     }
 
@@ -275,15 +372,92 @@ impl Store {
         })?;
         Ok(())
     }
+}
 
-    /// Makes the directory entries of a new database durable.
-    fn sync_dir(&self) -> Result<(), StoreError> {
-        let dir = std::fs::File::open(&self.path).and_then(|d| d.sync_all());
-        dir.map_err(|e| StoreError::Io {
-            path: self.path.clone(),
+/// Makes the entries of `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::Io {
+            path: dir.to_path_buf(),
             message: format!("fsync of the directory: {e}"),
         })
+}
+
+/// Creates an empty file and makes it durable.
+fn write_durably(path: &Path) -> Result<(), StoreError> {
+    std::fs::File::create(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StoreError::Io {
+            path: path.to_path_buf(),
+            message: format!("create: {e}"),
+        })
+}
+
+/// Takes [`LOCK_FILE`] in `dir`, or says who holds it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use fs2::FileExt;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Open {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    file.try_lock_exclusive().map_err(|e| StoreError::Locked {
+        path: dir.to_path_buf(),
+        message: format!("{}: {e}", path.display()),
+    })?;
+    Ok(file)
+}
+
+/// What `dir` holds (the caller holds its lock).
+fn look(dir: &Path) -> Result<Found, StoreError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| StoreError::Open {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut names = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| StoreError::Open {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != LOCK_FILE {
+            names.push(name);
+        }
     }
+    names.sort();
+    if names.is_empty() {
+        return Ok(Found::Nothing);
+    }
+    if !names.iter().any(|n| n == CREATING_FILE) {
+        return Ok(Found::Database);
+    }
+    names.retain(|n| n != CREATING_FILE);
+    // Only what sled creates may be cleared; anything else was put there by
+    // someone else, and is not ours to delete.
+    let foreign: Vec<&String> = names
+        .iter()
+        .filter(|n| {
+            ![SLED_DATA_FILE, SLED_CONF_FILE, SLED_BLOBS_DIR].contains(&n.as_str())
+                && !n.starts_with(SLED_SNAPSHOT_PREFIX)
+        })
+        .collect();
+    if !foreign.is_empty() {
+        return Err(StoreError::Corrupt {
+            path: dir.to_path_buf(),
+            message: format!(
+                "holds {CREATING_FILE} (a creation that was stopped) but also {foreign:?}, \
+                 which a witness did not create; refusing to clear it"
+            ),
+        });
+    }
+    Ok(Found::InterruptedCreation(names))
 }
 
 fn io(path: &Path, e: sled::Error) -> StoreError {
@@ -296,6 +470,24 @@ fn io(path: &Path, e: sled::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Opens again a database this test just closed: sled 0.34 releases its
+    /// lock from a background thread after the last handle is dropped, so
+    /// the first tries may still find it locked (a process that exits
+    /// releases it at once). The bound only catches a hang.
+    fn reopen(open: impl Fn() -> Result<Store, StoreError>) -> Result<Store, StoreError> {
+        let start = std::time::Instant::now();
+        loop {
+            match open() {
+                Err(StoreError::Locked { .. })
+                    if start.elapsed() < std::time::Duration::from_secs(60) =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => return other,
+            }
+        }
+    }
 
     #[test]
     fn write_reopen_read() {
@@ -313,7 +505,7 @@ mod tests {
             )
             .unwrap();
         }
-        let s = Store::open_existing(&p).unwrap();
+        let s = reopen(|| Store::open_existing(&p)).unwrap();
         assert_eq!(s.get("c").unwrap().epoch, 3);
         assert_eq!(s.all().unwrap().len(), 1);
     }
@@ -338,7 +530,7 @@ mod tests {
             s.clusters.insert(b"c", &b"garbage!"[..]).unwrap();
             s.flush().unwrap();
         }
-        let err = Store::open(&p).unwrap_err();
+        let err = reopen(|| Store::open(&p)).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     }
 
@@ -351,11 +543,77 @@ mod tests {
             s.db.remove(FORMAT_KEY).unwrap();
             s.flush().unwrap();
         }
-        let err = Store::open(&p).unwrap_err();
+        let err = reopen(|| Store::open(&p)).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        // Named for what it may be, with the one command that clears it.
+        assert!(
+            err.to_string()
+                .contains(&format!("`rm -r {}`", p.display())),
+            "{err}"
+        );
         // An empty directory is a new database.
         let e = dir.path().join("empty");
         std::fs::create_dir(&e).unwrap();
         Store::open(&e).unwrap();
+    }
+
+    #[test]
+    fn a_creation_that_was_stopped_is_created_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a start killed at various moments leaves: the creating file
+        // alone, with sled's blobs/, or with all of sled's files.
+        for left in [&[][..], &["blobs"][..], &["blobs", "conf", "db"][..]] {
+            let p = dir.path().join(format!("db-{}", left.len()));
+            {
+                // Real sled files, as sled wrote them before the marker.
+                let db = sled::Config::new().path(&p).open().unwrap();
+                db.flush().unwrap();
+            }
+            for e in std::fs::read_dir(&p).unwrap() {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !left.contains(&name.as_str()) {
+                    if e.path().is_dir() {
+                        std::fs::remove_dir_all(e.path()).unwrap();
+                    } else {
+                        std::fs::remove_file(e.path()).unwrap();
+                    }
+                }
+            }
+            std::fs::write(p.join(CREATING_FILE), b"").unwrap();
+            // Status does not create it...
+            let err = Store::open_existing(&p).unwrap_err();
+            assert!(matches!(err, StoreError::NotCreated { .. }), "{err}");
+            // ...a start does, and the creating file is gone.
+            let s = reopen(|| Store::open(&p)).unwrap();
+            assert_eq!(s.get("c").unwrap(), ClusterState::default());
+            assert!(!p.join(CREATING_FILE).exists());
+            s.put_durable(
+                "c",
+                &ClusterState {
+                    epoch: 1,
+                    holder: Some("a".into()),
+                },
+            )
+            .unwrap();
+            drop(s);
+            let s = reopen(|| Store::open_existing(&p)).unwrap();
+            assert_eq!(s.get("c").unwrap().epoch, 1);
+        }
+    }
+
+    #[test]
+    fn a_stopped_creation_with_foreign_files_is_not_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join(CREATING_FILE), b"").unwrap();
+        std::fs::write(p.join("notes.txt"), b"mine").unwrap();
+        let err = Store::open(&p).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Corrupt { .. }) && err.to_string().contains("notes.txt"),
+            "{err}"
+        );
+        assert!(p.join("notes.txt").exists());
     }
 }

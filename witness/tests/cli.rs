@@ -20,6 +20,7 @@ fn lab() -> tempfile::TempDir {
         pki::run_certs(&pki::CertsCommand::Issue {
             dir: p.clone(),
             node: n.to_string(),
+            ips: Vec::new(),
         })
         .unwrap();
     }
@@ -46,6 +47,10 @@ fn example_configs_load() {
             WitnessClientConfig::load(&examples().join(format!("witness-node-{n}.toml"))).unwrap();
         assert_eq!(c.cluster.as_deref(), Some("prod"));
         assert!(c.cert.ends_with(format!("pki/node-{n}.pem")));
+        let e = WitnessClientConfig::load(&examples().join(format!("witness-etcd-node-{n}.toml")))
+            .unwrap();
+        assert_eq!(e.kind, ftvm_config::witness::WitnessKind::Etcd);
+        assert_eq!((e.endpoints.len(), e.cluster.as_deref()), (3, Some("prod")));
     }
 }
 
@@ -117,6 +122,13 @@ fn claim_and_status_commands_print_the_documented_lines() {
 
     // Status over QUIC (the [control] identity) while the witness runs.
     let (code, out, err) = run_cli(&["status", "--config", &s(&wcfg)]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "cluster=prod epoch=1 holder=node-a\n"),
+        "{err}"
+    );
+    // A node file works for status too (the file's cluster, as that node).
+    let (code, out, err) = run_cli(&["status", "--config", &s(&b)]);
     assert_eq!(
         (code, out.as_str()),
         (0, "cluster=prod epoch=1 holder=node-a\n"),

@@ -158,3 +158,73 @@ fn certificate_of_another_node_is_refused() {
         "{err}"
     );
 }
+
+/// The entries of a directory, sorted (empty when it does not exist).
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A witness killed (SIGKILL) at many moments of its first start on a new
+/// database (the first ones create the directory, sled's files and the
+/// format marker) never served a claim: every later start must work, as on
+/// a new database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_creating_a_new_database_starts_again() {
+    let lab = Lab::new();
+    let cfg = lab.config("127.0.0.1:0", "");
+    let db = lab.path().join("witness.db");
+    // How long a whole start takes here, to spread the kills over it.
+    let t = Instant::now();
+    drop(WitnessProc::start(&cfg));
+    let whole = t.elapsed();
+    const KILLS: u32 = 60;
+    // What the kills left: nothing, a creation that was stopped, a database.
+    let (mut nothing, mut stopped, mut created) = (0, Vec::new(), 0);
+    for i in 0..KILLS {
+        std::fs::remove_dir_all(&db).unwrap();
+        let delay = whole * i / (KILLS * 3 / 4);
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let left = listing(&db);
+        let w = WitnessProc::start(&cfg);
+        // Nothing was ever granted: the first claim gets epoch 1.
+        let a = lab.client("node-a", w.addr);
+        assert_eq!(
+            a.claim(0).await.unwrap(),
+            ClaimOutcome::Granted { epoch: 1 },
+            "kill {i} after {delay:?} left {left:?}"
+        );
+        a.close().await;
+        if left.is_empty() {
+            nothing += 1;
+        } else if left.iter().any(|n| n == ftvm_witness::store::CREATING_FILE) {
+            stopped.push(left);
+        } else {
+            created += 1;
+        }
+        drop(w);
+    }
+    eprintln!(
+        "{KILLS} kills over {:?} (a whole start and a third): {nothing} left nothing, \
+         {created} a created database, {} a stopped creation: {stopped:?}",
+        whole * 4 / 3,
+        stopped.len()
+    );
+}
