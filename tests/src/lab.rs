@@ -375,19 +375,10 @@ pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let path = PathBuf::from("/run/netns").join(ns);
+    let name = ns.to_string();
     std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
-        // SAFETY: setns on an open namespace file descriptor; it changes only
-        // this thread's network namespace, and the thread ends with `f`.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            bail!(
-                "setns {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
+        ftvm_appliance::drill::enter_netns(&name)
+            .with_context(|| format!("entering network namespace {name}"))?;
         f()
     })
     .join()

@@ -126,22 +126,10 @@ impl NetNs {
     /// Runs `f` on a new thread that has joined this namespace (sockets it
     /// opens live there), and returns what it returns.
     pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let path = Path::new("/var/run/netns").join(&self.name);
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let ns = std::fs::File::open(&path)
-                        .with_context(|| format!("opening {}", path.display()))?;
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: setns on a namespace fd we own; it changes only
-                    // this thread's network namespace.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        bail!(
-                            "setns into {}: {}",
-                            self.name,
-                            std::io::Error::last_os_error()
-                        );
-                    }
+                    self.enter_this_thread()?;
                     Ok(f())
                 })
                 .join()
@@ -178,16 +166,8 @@ impl NetNs {
 
     /// Moves the calling thread (only) into this namespace.
     fn enter_this_thread(&self) -> Result<()> {
-        use std::os::fd::AsRawFd;
-        let path = format!("/run/netns/{}", self.name);
-        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: setns on a valid namespace file descriptor we keep open for
-        // the call; it changes the network namespace of this thread only.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        if rc != 0 {
-            bail!("setns({path}): {}", std::io::Error::last_os_error());
-        }
-        Ok(())
+        ftvm_appliance::drill::enter_netns(&self.name)
+            .with_context(|| format!("entering network namespace {}", self.name))
     }
 
     /// A command that runs `program` inside the namespace.

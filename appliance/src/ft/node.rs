@@ -121,7 +121,7 @@ struct Node {
     events_tx: mpsc::Sender<NodeEvent>,
     /// One witness client for the node's life: its connection is kept warm
     /// by status polls, so a claim costs a request, not a handshake.
-    witness: Arc<ftvm_witness::WitnessClient>,
+    witness: Arc<dyn ftvm_witness::WitnessBackend>,
     /// Tells the tokio tasks the node is stopping.
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
@@ -205,7 +205,7 @@ pub fn run(
         open_endpoint(&settings)?
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let witness = Arc::new(witness_client(cfg, &ft, &rt)?);
+    let witness: Arc<dyn ftvm_witness::WitnessBackend> = Arc::from(witness_client(cfg, &ft, &rt)?);
     rt.spawn(poll_witness(
         witness.clone(),
         status.clone(),
@@ -272,20 +272,20 @@ fn witness_client(
     cfg: &ApplianceConfig,
     ft: &FtConfig,
     rt: &tokio::runtime::Runtime,
-) -> Result<ftvm_witness::WitnessClient, NodeError> {
+) -> Result<Box<dyn ftvm_witness::WitnessBackend>, NodeError> {
     let mut w = cfg
         .witness
         .clone()
         .ok_or_else(|| NodeError::Setup(format!("{}: no [witness] table", cfg.source.display())))?;
     w.cluster.get_or_insert_with(|| ft.cluster.clone());
     let _guard = rt.enter();
-    Ok(ftvm_witness::WitnessClient::from_config(&w)?)
+    Ok(ftvm_witness::from_config(&w)?)
 }
 
 /// Asks the witness for the cluster's state every second: keeps the
 /// connection warm for a claim and tells status whether it answers.
 async fn poll_witness(
-    witness: Arc<ftvm_witness::WitnessClient>,
+    witness: Arc<dyn ftvm_witness::WitnessBackend>,
     status: Arc<StatusSources>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -399,7 +399,7 @@ impl Node {
         let tx = self.events_tx.clone();
         let mut stop = self.stop_rx.clone();
         self.rt.spawn(async move {
-            let r = claim(&witness, epoch_seen, &why, &mut stop).await;
+            let r = claim(witness.as_ref(), epoch_seen, &why, &mut stop).await;
             let _ = tx.send(NodeEvent::Claimed(r));
         });
         Ok(())

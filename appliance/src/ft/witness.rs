@@ -2,7 +2,7 @@
 //! retried with backoff, every attempt logged, until the witness answers or
 //! the node is told to stop. Until then the node stays silent.
 
-use ftvm_witness::{ClaimOutcome, ClientError, WitnessClient};
+use ftvm_witness::{ClaimOutcome, ClientError, WitnessBackend};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -28,7 +28,7 @@ pub enum ClaimResult {
 
 /// Claims epoch `epoch_seen + 1`, retrying until an answer or `stop`.
 pub async fn claim(
-    witness: &WitnessClient,
+    witness: &dyn WitnessBackend,
     epoch_seen: u64,
     why: &str,
     stop: &mut watch::Receiver<bool>,
