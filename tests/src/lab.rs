@@ -14,6 +14,15 @@ use std::time::{Duration, Instant};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Labs of one test binary run one at a time: each runs two VMs, a relay
+/// and clients, and two cores shared with other test binaries are not
+/// enough for several at once without starving their heartbeats.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Failure timeout of lab tests: the production default (2 s) with room for
+/// a loaded CI machine, where a heartbeat can be late without any fault.
+pub const TEST_FAILURE_TIMEOUT_MS: u64 = 4000;
+
 /// Hang guard for waits in tests: generous, so a busy machine never trips
 /// it; it only catches a test that would otherwise wait forever.
 pub const HANG: Duration = Duration::from_secs(120);
@@ -49,6 +58,7 @@ pub struct Lab {
     _tmp: Option<tempfile::TempDir>,
     pub witness: Option<Guard>,
     pub nodes: [Option<Guard>; 2],
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 fn script() -> PathBuf {
@@ -78,6 +88,7 @@ impl Lab {
     /// Builds a lab in a fresh temporary directory with `delay_ms` one-way
     /// delay on every relay route.
     pub fn up(delay_ms: u64) -> Result<Lab> {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("lab");
         let prefix = format!(
@@ -91,8 +102,22 @@ impl Lab {
             _tmp: Some(tmp),
             witness: None,
             nodes: [None, None],
+            _turn: turn,
         };
         lab.script(&["up", "--delay-ms", &delay_ms.to_string()])?;
+        let t = TEST_FAILURE_TIMEOUT_MS.to_string();
+        for s in [Site::A, Site::B] {
+            lab.set_ft(s, "failure_timeout_ms", &t)?;
+        }
+        let targets = lab.dir.join("drill.toml");
+        let text = std::fs::read_to_string(&targets)?;
+        std::fs::write(
+            &targets,
+            text.replace(
+                "failure_timeout_ms = 2000",
+                &format!("failure_timeout_ms = {t}"),
+            ),
+        )?;
         Ok(lab)
     }
 

@@ -497,7 +497,9 @@ impl PrimaryChannel {
         };
         sender.abort();
         let mut current = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        if current.as_ref().is_some_and(|a| a.id == id) {
+        // Unless a newer session of the backup replaced this one, the
+        // backup is gone (also when `close_session` took it out).
+        if current.as_ref().is_none_or(|a| a.id == id) {
             *current = None;
             self.link.connected.store(false, Ordering::Relaxed);
             self.queue

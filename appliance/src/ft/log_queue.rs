@@ -238,7 +238,11 @@ impl LogQueue {
             .store(clock_ns, Ordering::Relaxed);
         let mut slept: Option<Instant> = None;
         loop {
-            if !self.stats.backup_reporting.load(Ordering::Relaxed) || self.lock().stopping {
+            let paced = {
+                let s = self.lock();
+                !s.stopping && s.retention == Retention::ForBackup
+            };
+            if !paced || !self.stats.backup_reporting.load(Ordering::Relaxed) {
                 break;
             }
             let replayed = self.stats.replayed_clock_ns.load(Ordering::Relaxed);
@@ -322,6 +326,9 @@ impl LogQueue {
     pub fn set_retention(&self, retention: Retention) {
         let mut s = self.lock();
         s.retention = retention;
+        if retention != Retention::ForBackup {
+            self.stats.backup_reporting.store(false, Ordering::Relaxed);
+        }
         if retention == Retention::Discard {
             s.sealed.clear();
             s.bytes = s.open.len();
