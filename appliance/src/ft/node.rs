@@ -935,6 +935,15 @@ impl Node {
         let (machine, env) = vcpu
             .join()
             .map_err(|_| NodeError::Setup("the vCPU thread panicked".into()))?;
+        // A divergence is told to the primary before the link closes.
+        if let BackupEnd::Machine(Err(e)) = &end {
+            if let Some((ordinal, what)) = e.divergence() {
+                self.rt.block_on(channel.tell_primary(Control::Diverged {
+                    ordinal,
+                    what: what.to_string(),
+                }));
+            }
+        }
         let _ = link_stop_tx.send(true);
         let _ = self
             .rt
@@ -942,7 +951,7 @@ impl Node {
         match (end, live) {
             (BackupEnd::Fenced(reason), _) => self.stay_fenced(reason),
             (BackupEnd::Machine(r), Some(l)) => self.finish_live(LiveEnd::Machine(r), &l, &machine),
-            (BackupEnd::Machine(r), None) => self.finish_backup(r, &machine, &env, &channel),
+            (BackupEnd::Machine(r), None) => self.finish_backup(r, &machine, &env),
         }
     }
 
@@ -987,7 +996,6 @@ impl Node {
         r: Result<RunSummary, MachineError>,
         machine: &Machine,
         env: &FtEnv,
-        channel: &Arc<BackupChannel>,
     ) -> Result<NodeOutcome, NodeError> {
         let _ = self.stop_tx.send(true);
         match r {
@@ -1020,10 +1028,6 @@ impl Node {
                         ordinal,
                         what: what.to_string(),
                     });
-                    self.rt.block_on(channel.tell_primary(Control::Diverged {
-                        ordinal,
-                        what: what.to_string(),
-                    }));
                     self.state.update(|r| r.fenced = Some(report.clone()))?;
                     tracing::error!(
                         "{report}; this node is no longer a backup (it needs re-protection)"
