@@ -49,6 +49,28 @@ impl PioBus {
         Ok(())
     }
 
+    /// Every device's state, in registration order.
+    pub fn save_state(&self) -> Vec<crate::devices::persist::PioState> {
+        self.slots.iter().map(|s| s.device.save_state()).collect()
+    }
+
+    pub fn restore_state(
+        &mut self,
+        states: &[crate::devices::persist::PioState],
+    ) -> Result<(), crate::persist::PersistError> {
+        if states.len() != self.slots.len() {
+            return Err(crate::persist::PersistError::Shape(format!(
+                "{} port I/O devices in the state, {} on this machine",
+                states.len(),
+                self.slots.len()
+            )));
+        }
+        for (slot, st) in self.slots.iter_mut().zip(states) {
+            slot.device.restore_state(st)?;
+        }
+        Ok(())
+    }
+
     fn find(&mut self, port: u16) -> Option<(&mut Box<dyn PioDevice>, u16)> {
         self.slots
             .iter_mut()
@@ -158,6 +180,41 @@ impl MmioBus {
             }
         }
         out
+    }
+
+    /// Every slot's state (`None`: empty).
+    pub fn save_state(&self) -> Vec<Option<crate::devices::virtio::persist::TransportState>> {
+        self.slots
+            .iter()
+            .map(|s| s.as_ref().map(MmioTransport::save_state))
+            .collect()
+    }
+
+    pub fn restore_state(
+        &mut self,
+        states: &[Option<crate::devices::virtio::persist::TransportState>],
+    ) -> Result<(), crate::persist::PersistError> {
+        if states.len() != self.slots.len() {
+            return Err(crate::persist::PersistError::Shape(format!(
+                "{} virtio slots in the state, {} on this machine",
+                states.len(),
+                self.slots.len()
+            )));
+        }
+        for (i, (slot, st)) in self.slots.iter_mut().zip(states).enumerate() {
+            match (slot, st) {
+                (Some(t), Some(st)) => t.restore_state(st)?,
+                (None, None) => {}
+                (have, _) => {
+                    return Err(crate::persist::PersistError::Shape(format!(
+                        "virtio slot {i} is {} here but {} in the state",
+                        if have.is_some() { "used" } else { "empty" },
+                        if have.is_some() { "empty" } else { "used" }
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn transports(&self) -> impl Iterator<Item = &MmioTransport> {

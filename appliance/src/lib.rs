@@ -9,5 +9,6 @@ pub mod drill;
 pub mod ft;
 pub mod loader;
 pub mod machine;
+pub mod persist;
 pub mod replay;
 pub mod vstate;

@@ -51,6 +51,8 @@ pub enum MachineError {
     },
     #[error("disk {0}")]
     Disk(#[from] ftvm_storage::StorageError),
+    #[error(transparent)]
+    Persist(#[from] crate::persist::PersistError),
     #[error("KVM could not run the guest: {0}")]
     Internal(String),
 }
@@ -67,6 +69,10 @@ impl MachineError {
         }
     }
 }
+
+/// Work run on the vCPU thread at an exit boundary (see
+/// [`VcpuControl::run_at_boundary`]).
+pub type BoundaryTask = Box<dyn FnOnce(&mut Machine) + Send>;
 
 /// A stop waits at most this long for the guest's next exit.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -123,14 +129,27 @@ fn le_value(data: &[u8]) -> u64 {
 impl Machine {
     /// Builds the machine a config describes, ready to enter the guest.
     pub fn new(cfg: &ApplianceConfig, console: Console) -> Result<Self, MachineError> {
+        Self::build(cfg, console, true)
+    }
+
+    /// Builds the machine a config describes with zeroed memory and nothing
+    /// loaded: what [`Machine::restore_state`] and re-protection's page
+    /// transfer fill in.
+    pub fn new_for_restore(cfg: &ApplianceConfig, console: Console) -> Result<Self, MachineError> {
+        Self::build(cfg, console, false)
+    }
+
+    fn build(cfg: &ApplianceConfig, console: Console, boot: bool) -> Result<Self, MachineError> {
         let image = GuestImage::read(&cfg.machine.image)?;
         let mem_size = cfg.machine.memory_mib << 20;
         let vm = Vm::new(mem_size)?;
-        boot::write_boot_structures(&vm.mem).map_err(MachineError::Boot)?;
-        let loaded: LoadedImage = image.load(&vm.mem, mem_size)?;
-        platform::write_boot_info(&vm.mem, mem_size, &cfg.machine.cmdline, loaded.end)?;
         let vcpu = Vcpu::new(&vm)?;
-        vcpu.setup_cpl3_entry(loaded.entry, mem_size - 16)?;
+        if boot {
+            boot::write_boot_structures(&vm.mem).map_err(MachineError::Boot)?;
+            let loaded: LoadedImage = image.load(&vm.mem, mem_size)?;
+            platform::write_boot_info(&vm.mem, mem_size, &cfg.machine.cmdline, loaded.end)?;
+            vcpu.setup_cpl3_entry(loaded.entry, mem_size - 16)?;
+        }
 
         let mut pio = PioBus::default();
         pio.register(COM1_BASE, COM1_LEN, Box::new(Com1::new(console.clone())))?;
@@ -177,6 +196,56 @@ impl Machine {
             ordinal: 0,
             pages,
         })
+    }
+
+    /// The machine at this exit boundary, apart from memory and disk. Call
+    /// on the vCPU thread (a boundary task), or before the machine ran.
+    pub fn save_state(&self) -> Result<crate::persist::MachineState, MachineError> {
+        let clock_ns = self
+            .vm
+            .mem
+            .read_obj(GuestAddress(crate::vstate::layout::PLATFORM_PAGE + crate::vstate::layout::PP_CLOCK_NS))
+            .map_err(MachineError::Boot)?;
+        Ok(crate::persist::MachineState {
+            format_version: crate::persist::STATE_FORMAT_VERSION,
+            shape: self.shape.clone(),
+            ordinal: self.ordinal,
+            clock_ns,
+            vcpu: self.vcpu.save_state()?,
+            pio: self.pio.save_state(),
+            mmio: self.mmio.save_state(),
+        })
+    }
+
+    /// Takes a saved state (memory and disk are restored apart): refuses a
+    /// state of another machine with a reason.
+    pub fn restore_state(&mut self, st: &crate::persist::MachineState) -> Result<(), MachineError> {
+        use crate::persist::PersistError;
+        if st.format_version != crate::persist::STATE_FORMAT_VERSION {
+            return Err(PersistError::Version {
+                found: st.format_version,
+            }
+            .into());
+        }
+        if let Some(why) = self.shape.mismatch(&st.shape, "the state") {
+            return Err(PersistError::Shape(why).into());
+        }
+        self.vcpu.restore_state(&st.vcpu)?;
+        self.pio.restore_state(&st.pio)?;
+        self.mmio.restore_state(&st.mmio)?;
+        self.ordinal = st.ordinal;
+        Ok(())
+    }
+
+    /// Guest memory (a shared handle: re-protection reads and writes pages
+    /// through it) and the dirty-page log.
+    pub fn memory(&self) -> (crate::vstate::memory::GuestMemory, std::sync::Arc<crate::vstate::vm::DirtyLog>) {
+        (self.vm.mem.clone(), self.vm.dirty_log())
+    }
+
+    /// The exit ordinal reached.
+    pub fn ordinal(&self) -> u64 {
+        self.ordinal
     }
 
     /// What a log or a peer must match to run on this machine.
@@ -265,6 +334,13 @@ impl Machine {
                         exits: self.ordinal,
                         digest: self.final_digest()?,
                     });
+                }
+            }
+            if at_boundary && !stop_requested {
+                if let Some(task) = control.take_boundary_task() {
+                    self.complete_pending_io()?;
+                    task(self);
+                    continue;
                 }
             }
             if (stop_requested && at_boundary) || env.stopped_at(self.ordinal)? {

@@ -2,6 +2,7 @@
 //! non-deterministic they need comes from the `Environment` in the context.
 
 pub mod console;
+pub mod persist;
 pub mod platform;
 pub mod serial;
 pub mod tap;
@@ -64,4 +65,17 @@ pub trait PioDevice: Send {
         offset: u16,
         data: &[u8],
     ) -> Result<DeviceAction, DeviceError>;
+    /// The device's state, for save/restore.
+    fn save_state(&self) -> persist::PioState {
+        persist::PioState::Stateless
+    }
+    /// Takes a saved state (of the same kind of device).
+    fn restore_state(&mut self, state: &persist::PioState) -> Result<(), crate::persist::PersistError> {
+        match state {
+            persist::PioState::Stateless => Ok(()),
+            other => Err(crate::persist::PersistError::Device(format!(
+                "a stateless device cannot take {other:?}"
+            ))),
+        }
+    }
 }

@@ -38,6 +38,25 @@ impl Com1 {
 }
 
 impl PioDevice for Com1 {
+    fn save_state(&self) -> super::persist::PioState {
+        super::persist::PioState::Serial((&self.serial.state()).into())
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &super::persist::PioState,
+    ) -> Result<(), crate::persist::PersistError> {
+        let super::persist::PioState::Serial(s) = state else {
+            return Err(crate::persist::PersistError::Device(format!(
+                "COM1 cannot take {state:?}"
+            )));
+        };
+        let console = self.serial.writer().clone();
+        self.serial = Serial::from_state(&s.into(), NoInterrupt, vm_superio::serial::NoEvents, console)
+            .map_err(|e| crate::persist::PersistError::Device(format!("COM1: {e:?}")))?;
+        Ok(())
+    }
+
     fn pio_read(
         &mut self,
         _ctx: &mut ExitContext<'_>,

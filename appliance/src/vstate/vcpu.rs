@@ -148,12 +148,23 @@ pub enum VcpuState {
     Finished,
 }
 
-#[derive(Debug)]
 struct ControlInner {
     state: VcpuState,
     pause_requested: bool,
     stop_requested: bool,
     thread: Option<libc::pthread_t>,
+    /// Work to do on the vCPU thread at the next exit boundary.
+    at_boundary: Option<crate::machine::BoundaryTask>,
+}
+
+impl std::fmt::Debug for ControlInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlInner")
+            .field("state", &self.state)
+            .field("stop_requested", &self.stop_requested)
+            .field("at_boundary", &self.at_boundary.is_some())
+            .finish()
+    }
 }
 
 /// Lets another thread pause, resume or stop the vCPU thread. A pause takes
@@ -192,6 +203,7 @@ impl VcpuControl {
                 pause_requested: false,
                 stop_requested: false,
                 thread: None,
+                at_boundary: None,
             }),
             changed: Condvar::new(),
         }
@@ -245,6 +257,24 @@ impl VcpuControl {
         let mut inner = self.lock();
         inner.pause_requested = false;
         self.changed.notify_all();
+    }
+
+    /// Runs `task` on the vCPU thread at the next exit boundary (after the
+    /// exit's I/O completed, before any further guest instruction): the
+    /// machine is then in a state a backup can start from. The task may
+    /// block; the guest stays stopped until it returns.
+    pub fn run_at_boundary(&self, task: crate::machine::BoundaryTask) {
+        let mut inner = self.lock();
+        inner.at_boundary = Some(task);
+        if inner.state == VcpuState::Running {
+            self.kick(&inner);
+        }
+        self.changed.notify_all();
+    }
+
+    /// The pending boundary task, if any (the vCPU loop takes it).
+    pub fn take_boundary_task(&self) -> Option<crate::machine::BoundaryTask> {
+        self.lock().at_boundary.take()
     }
 
     /// Asks the vCPU loop to stop at its next checkpoint.

@@ -215,4 +215,40 @@ impl VirtioDevice for Block {
     fn state_digest(&self) -> Option<[u8; 32]> {
         Some(self.disk.merkle_root())
     }
+
+    fn save_state(&self) -> super::persist::VirtioDeviceState {
+        super::persist::VirtioDeviceState::Block {
+            size: self.disk.size(),
+            reads: self.reads,
+            writes: self.writes,
+            flushes: self.flushes,
+        }
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &super::persist::VirtioDeviceState,
+    ) -> Result<(), crate::persist::PersistError> {
+        let super::persist::VirtioDeviceState::Block {
+            size,
+            reads,
+            writes,
+            flushes,
+        } = state
+        else {
+            return Err(crate::persist::PersistError::Device(format!(
+                "virtio-blk cannot take {state:?}"
+            )));
+        };
+        if *size != self.disk.size() {
+            return Err(crate::persist::PersistError::Shape(format!(
+                "the state's disk has {size} bytes, this machine's {}",
+                self.disk.size()
+            )));
+        }
+        self.reads = *reads;
+        self.writes = *writes;
+        self.flushes = *flushes;
+        Ok(())
+    }
 }

@@ -200,4 +200,55 @@ impl MmioTransport {
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
     }
+
+    /// The transport's registers, queues and device state.
+    pub fn save_state(&self) -> super::persist::TransportState {
+        super::persist::TransportState {
+            device_type: self.device.device_type(),
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            active: self.active,
+            queues: self.queues.iter().map(|q| (&q.state()).into()).collect(),
+            device: self.device.save_state(),
+        }
+    }
+
+    /// Takes a saved state of a transport holding the same kind of device.
+    pub fn restore_state(
+        &mut self,
+        s: &super::persist::TransportState,
+    ) -> Result<(), crate::persist::PersistError> {
+        use crate::persist::PersistError;
+        if s.device_type != self.device.device_type() {
+            return Err(PersistError::Device(format!(
+                "a virtio device of type {} cannot take the state of type {}",
+                self.device.device_type(),
+                s.device_type
+            )));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(PersistError::Device(format!(
+                "{} queues in the state, {} on this device",
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let queues = s
+            .queues
+            .iter()
+            .map(super::persist::QueueSnapshot::to_queue)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.device.restore_state(&s.device)?;
+        self.queues = queues;
+        self.queue_sel = s.queue_sel;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.active = s.active;
+        Ok(())
+    }
 }

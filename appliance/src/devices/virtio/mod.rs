@@ -7,6 +7,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 
 use super::{DeviceError, ExitContext};
 use crate::vstate::memory::GuestMemory;
@@ -40,6 +41,13 @@ pub trait VirtioDevice: Send {
     fn state_digest(&self) -> Option<[u8; 32]> {
         None
     }
+    /// The device's own state, for save/restore.
+    fn save_state(&self) -> persist::VirtioDeviceState;
+    /// Takes a saved state (of the same kind of device).
+    fn restore_state(
+        &mut self,
+        state: &persist::VirtioDeviceState,
+    ) -> Result<(), crate::persist::PersistError>;
 }
 
 /// Serves a config-space read from `config`: bytes past its end read as zero.

@@ -23,7 +23,9 @@ const MAX_TX: usize = NET_HDR_LEN + 65536;
 #[derive(Debug)]
 pub struct Net {
     mac: [u8; 6],
-    tx_digest: blake3::Hasher,
+    /// Chained: blake3(previous || length || frame) for every frame sent
+    /// (32 bytes, so it can be saved and restored, unlike a running hasher).
+    tx_digest: [u8; 32],
     pub tx_frames: u64,
     pub rx_frames: u64,
     pub rx_dropped: u64,
@@ -33,7 +35,7 @@ impl Net {
     pub fn new(mac: [u8; 6]) -> Self {
         Net {
             mac,
-            tx_digest: blake3::Hasher::new(),
+            tx_digest: [0; 32],
             tx_frames: 0,
             rx_frames: 0,
             rx_dropped: 0,
@@ -78,8 +80,11 @@ impl VirtioDevice for Net {
                 let bytes = read_chain(mem, chain, MAX_TX)?;
                 if bytes.len() > NET_HDR_LEN {
                     let frame = &bytes[NET_HDR_LEN..];
-                    self.tx_digest.update(&(frame.len() as u64).to_le_bytes());
-                    self.tx_digest.update(frame);
+                    let mut h = blake3::Hasher::new();
+                    h.update(&self.tx_digest);
+                    h.update(&(frame.len() as u64).to_le_bytes());
+                    h.update(frame);
+                    self.tx_digest = *h.finalize().as_bytes();
                     self.tx_frames += 1;
                     ctx.env.net_tx(frame)?;
                 }
@@ -118,6 +123,45 @@ impl VirtioDevice for Net {
     }
 
     fn output_digest(&self) -> Option<[u8; 32]> {
-        Some(*self.tx_digest.finalize().as_bytes())
+        Some(self.tx_digest)
+    }
+
+    fn save_state(&self) -> super::persist::VirtioDeviceState {
+        super::persist::VirtioDeviceState::Net {
+            mac: self.mac,
+            tx_digest: self.tx_digest,
+            tx_frames: self.tx_frames,
+            rx_frames: self.rx_frames,
+            rx_dropped: self.rx_dropped,
+        }
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &super::persist::VirtioDeviceState,
+    ) -> Result<(), crate::persist::PersistError> {
+        let super::persist::VirtioDeviceState::Net {
+            mac,
+            tx_digest,
+            tx_frames,
+            rx_frames,
+            rx_dropped,
+        } = state
+        else {
+            return Err(crate::persist::PersistError::Device(format!(
+                "virtio-net cannot take {state:?}"
+            )));
+        };
+        if *mac != self.mac {
+            return Err(crate::persist::PersistError::Shape(format!(
+                "the state's network card has MAC {mac:02x?}, this machine's {:02x?}",
+                self.mac
+            )));
+        }
+        self.tx_digest = *tx_digest;
+        self.tx_frames = *tx_frames;
+        self.rx_frames = *rx_frames;
+        self.rx_dropped = *rx_dropped;
+        Ok(())
     }
 }
