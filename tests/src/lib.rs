@@ -4,8 +4,8 @@
 pub mod bench_ftkv;
 pub mod bench_machine;
 pub mod bench_witness;
-pub mod lab;
 pub mod etcd_lab;
+pub mod lab;
 pub mod report;
 pub mod site;
 
