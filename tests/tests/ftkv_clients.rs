@@ -186,6 +186,22 @@ fn redis_cli_in_resp3_and_resp2() {
     stop_clean(s, dir.path());
 }
 
+/// `redis::pipe().atomic()`: MULTI, SET key value, GET key, EXEC. `None`
+/// when EXEC answered nil (a WATCHed key changed).
+async fn set_and_get_atomically(
+    con: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    value: &str,
+) -> redis::RedisResult<Option<(String,)>> {
+    redis::pipe()
+        .atomic()
+        .set(key, value)
+        .ignore()
+        .get(key)
+        .query_async(con)
+        .await
+}
+
 /// The Rust `redis` crate's async multiplexed connection, in RESP2 (the
 /// crate's default) and RESP3: one connection shared by concurrent tasks.
 async fn redis_rs_checks(url: &str) -> redis::RedisResult<()> {
@@ -255,13 +271,7 @@ async fn redis_rs_checks(url: &str) -> redis::RedisResult<()> {
         .query_async::<()>(&mut con)
         .await?;
     let _: () = other.set(k("tw"), "other").await?;
-    let aborted: Option<(String,)> = redis::pipe()
-        .atomic()
-        .set(k("tw"), "mine")
-        .ignore()
-        .get(k("tw"))
-        .query_async(&mut con)
-        .await?;
+    let aborted = set_and_get_atomically(&mut con, &k("tw"), "mine").await?;
     assert_eq!(aborted, None);
     let tw: String = con.get(k("tw")).await?;
     assert_eq!(tw, "other");
@@ -270,13 +280,7 @@ async fn redis_rs_checks(url: &str) -> redis::RedisResult<()> {
         .arg(k("tw"))
         .query_async::<()>(&mut con)
         .await?;
-    let done: Option<(String,)> = redis::pipe()
-        .atomic()
-        .set(k("tw"), "mine")
-        .ignore()
-        .get(k("tw"))
-        .query_async(&mut con)
-        .await?;
+    let done = set_and_get_atomically(&mut con, &k("tw"), "mine").await?;
     assert_eq!(done, Some(("mine".into(),)));
 
     // Pipelining: 1,000 commands in one batch.

@@ -1,7 +1,7 @@
 use super::{args, execute_resp2, Rng};
 use crate::aof::{
     self, encode_header, parse_header, replay, upgrade_header, AppendError, HeaderError, LogWriter,
-    PendingWrite, RecordError, Replayer, TornReason, MAX_BATCH, SECTOR,
+    PendingWrite, RecordError, ReplayReport, Replayer, TornReason, MAX_BATCH, SECTOR,
 };
 use crate::engine::{Engine, Session};
 
@@ -94,6 +94,17 @@ impl Run {
             apply(&mut self.disk, &w);
         }
     }
+
+    /// Replays the disk into a fresh engine: a clean end where the writer
+    /// is, and the same keyspace as the run's.
+    fn check_replay(&self) -> ReplayReport {
+        let mut fresh = Engine::default();
+        let report = replay(&self.disk, &mut fresh).unwrap();
+        assert_eq!(report.torn, None);
+        assert_eq!(report.end, self.writer.end());
+        assert_eq!(snapshot(&fresh), snapshot(&self.engine));
+        report
+    }
 }
 
 #[test]
@@ -107,11 +118,7 @@ fn round_trip_through_the_log() {
         }
         run.flush();
     }
-    let mut fresh = Engine::default();
-    let report = replay(&run.disk, &mut fresh).unwrap();
-    assert_eq!(report.torn, None);
-    assert_eq!(report.end, run.writer.end());
-    assert_eq!(snapshot(&fresh), snapshot(&run.engine));
+    let report = run.check_replay();
     assert!(report.records > 200);
     // Replaying in small pieces gives the same.
     let mut fresh2 = Engine::default();
@@ -192,6 +199,17 @@ fn expected<'a>(states: &'a [(u64, Snapshot)], disk: &[u8], full: &[u8]) -> &'a 
     want
 }
 
+/// A crash while `batch` was being written over `before`: only its first
+/// `cut` bytes arrived. The disk, and what replay makes of it.
+fn crash_at(before: &[u8], batch: &PendingWrite, cut: usize) -> (Vec<u8>, Engine, ReplayReport) {
+    let mut disk = before.to_vec();
+    let off = batch.offset as usize;
+    disk[off..off + cut].copy_from_slice(&batch.data[..cut]);
+    let mut e = Engine::default();
+    let report = replay(&disk, &mut e).unwrap();
+    (disk, e, report)
+}
+
 #[test]
 fn torn_tail_at_every_cut_is_discarded_and_the_prefix_is_exact() {
     for (seed, big) in [(1, false), (2, true)] {
@@ -199,11 +217,7 @@ fn torn_tail_at_every_cut_is_discarded_and_the_prefix_is_exact() {
         let mut full = before.clone();
         apply(&mut full, &batch);
         for cut in 0..=batch.data.len() {
-            let mut disk = before.clone();
-            let off = batch.offset as usize;
-            disk[off..off + cut].copy_from_slice(&batch.data[..cut]);
-            let mut e = Engine::default();
-            let report = replay(&disk, &mut e).unwrap();
+            let (mut disk, e, report) = crash_at(&before, &batch, cut);
             let want = expected(&states, &disk, &full);
             assert_eq!(snapshot(&e), want.1, "seed {seed} cut {cut}");
             assert_eq!(report.end, want.0, "seed {seed} cut {cut}");
@@ -608,11 +622,7 @@ fn a_torn_transaction_is_all_or_nothing() {
     let mut full = before.clone();
     apply(&mut full, &batch);
     for cut in 0..=batch.data.len() {
-        let mut disk = before.clone();
-        let off = batch.offset as usize;
-        disk[off..off + cut].copy_from_slice(&batch.data[..cut]);
-        let mut e = Engine::default();
-        let report = replay(&disk, &mut e).unwrap();
+        let (disk, e, report) = crash_at(&before, &batch, cut);
         let want = expected(&states, &disk, &full);
         assert_eq!(report.end, want.0, "cut {cut}");
         assert_eq!(snapshot(&e), want.1, "cut {cut}");
@@ -651,10 +661,6 @@ fn random_transactions_round_trip_through_the_log() {
         }
     }
     run.flush();
-    let mut fresh = Engine::default();
-    let report = replay(&run.disk, &mut fresh).unwrap();
-    assert_eq!(report.torn, None);
-    assert_eq!(report.end, run.writer.end());
-    assert_eq!(snapshot(&fresh), snapshot(&run.engine));
+    run.check_replay();
     assert_eq!(run.engine.log_budget(), Some(run.writer.remaining()));
 }
