@@ -193,7 +193,7 @@ const OP_SET: u8 = 1;
 const OP_MSET: u8 = 2;
 const OP_DEL: u8 = 3;
 const OP_FLUSHALL: u8 = 4;
-/// Version 2 on.
+// Version 2 on:
 const OP_TRANSACTION: u8 = 5;
 const OP_EXPIRE: u8 = 6;
 
