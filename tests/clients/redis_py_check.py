@@ -9,13 +9,24 @@ MODE is one of
   concurrent  16 clients: INCR totals exact, every acknowledged SET read back
   hostile     hostile.py's raw-socket input, then the redis-py client still works
   raw         the bytes of HELLO 3 / GET missing, HELLO 2, HELLO 4
+  transactions  r.pipeline() (MULTI/EXEC, redis-py's default), errors in
+              and before EXEC, WATCH with r.transaction(), 8 clients
+              incrementing one counter with WATCH retries, the queue limit
   workload    a fixed mix of writes and reads (for record/replay)
+  txn-writer  writes transactions of --keys SETs (t<--writer>:<i>:<k> = i
+              and --size dots) until the server is gone; prints "acked i"
+              after each EXEC
+  txn-check   after a crash: every transaction of txn-writer is all or
+              nothing, and transactions 0..--acked of each writer are there
 
 Without --protocol redis-py uses its default (RESP3 since redis-py 6).
+REDIS_PORT=N runs the checks against a server on another port (a
+redis-server 7, to check the expectations themselves).
 Prints "ok: MODE ..." and exits 0 on success; an assertion names what failed.
 """
 
 import argparse
+import os
 import socket
 import threading
 
@@ -23,7 +34,8 @@ import redis
 
 import hostile as hostile_input  # tests/clients/hostile.py, beside this file
 
-PORT = 6379
+# REDIS_PORT runs the same checks against another server (a redis-server).
+PORT = int(os.environ.get("REDIS_PORT", "6379"))
 
 
 def client(args, **kw):
@@ -183,6 +195,143 @@ def read_reply_full(s):
             return data
 
 
+def transactions(args):
+    r = client(args)
+    assert r.flushall() is True
+    # r.pipeline() is transactional by default: MULTI ... EXEC.
+    p = r.pipeline()
+    p.set("a", 1).incr("a").get("a").mget("a", "zz").delete("zz")
+    p.mset({"m1": "x", "m2": "y"}).expire("a", 100).ttl("a")
+    assert p.execute() == [True, 2, b"2", [b"2", None], 0, True, True, 100]
+    # An error when a command runs: the others are done, redis-py raises.
+    r.set("s", "text")
+    p = r.pipeline()
+    p.set("b", 2).incr("s").get("b")
+    try:
+        p.execute()
+        raise AssertionError("INCR of a string inside EXEC succeeded")
+    except redis.ResponseError as e:
+        assert "not an integer" in str(e), e
+    assert r.get("b") == b"2"
+    p = r.pipeline()
+    p.set("b", 3).incr("s").get("b")
+    replies = p.execute(raise_on_error=False)
+    assert replies[0] is True and replies[2] == b"3", replies
+    assert isinstance(replies[1], redis.ResponseError), replies
+    # An error while queueing: nothing is done.
+    p = r.pipeline()
+    p.set("c", 3).execute_command("NOSUCH", "x")
+    try:
+        p.execute()
+        raise AssertionError("EXEC after an unknown command succeeded")
+    except redis.ResponseError as e:
+        assert "unknown command" in str(e), e
+    assert r.get("c") is None
+    # WATCH: a change by another client aborts EXEC (WatchError).
+    with r.pipeline() as p:
+        p.watch("w")
+        assert p.get("w") is None
+        client(args).set("w", "other")
+        p.multi()
+        p.set("w", "mine")
+        try:
+            p.execute()
+            raise AssertionError("EXEC ran although a watched key changed")
+        except redis.WatchError:
+            pass
+    assert r.get("w") == b"other"
+
+    # Optimistic locking: 8 clients add 1 to a counter 50 times each with
+    # WATCH/GET/MULTI/SET/EXEC, retrying when EXEC aborts.
+    writers, rounds = 8, 50
+    errors = []
+    retries = [0]
+
+    def add_one(pipe):
+        value = int(pipe.get("counter") or 0)
+        pipe.multi()
+        pipe.set("counter", value + 1)
+
+    def work():
+        try:
+            c = client(args)
+            for _ in range(rounds):
+                c.transaction(add_one, "counter")
+        except Exception as e:  # reported below, the test fails
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work) for _ in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert r.get("counter") == str(writers * rounds).encode(), r.get("counter")
+
+    # A big transaction within the limits, then (ftkv only: Redis has no
+    # limit) one over them (10,000 queued commands): refused as a whole.
+    p = r.pipeline()
+    for i in range(5000):
+        p.set(f"big{i}", i)
+    assert p.execute() == [True] * 5000
+    if not r.info("server")["redis_version"].endswith("-ftkv"):
+        print("ok: transactions (no queue limit on this server)")
+        return
+    p = r.pipeline()
+    for i in range(10001):
+        p.set(f"over{i}", i)
+    try:
+        p.execute()
+        raise AssertionError("a transaction of 10,001 commands succeeded")
+    except redis.ResponseError as e:
+        assert "transaction too large" in str(e), e
+    assert r.exists("over0", "over9999") == 0
+    assert r.get("big4999") == b"4999"
+    print(f"ok: transactions, {writers} clients x {rounds} WATCH increments")
+
+
+def txn_writer(args):
+    r = client(args)
+    i = 0
+    try:
+        while True:
+            p = r.pipeline()
+            for k in range(args.keys):
+                p.set(f"t{args.writer}:{i}:{k}", txn_value(args, i))
+            assert p.execute() == [True] * args.keys
+            print(f"acked {i}", flush=True)
+            i += 1
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        print(f"stopped: {e!r}", flush=True)
+
+
+def txn_value(args, i):
+    return f"{i}" + "." * args.size
+
+
+def txn_check(args):
+    r = client(args)
+    for writer, acked in enumerate(args.acked):
+        i, absent_run, found = 0, 0, 0
+        # Past the last acknowledged one, transactions may be there (done
+        # but not acknowledged) or not; look until 100 in a row are absent.
+        while i < acked or absent_run < 100:
+            keys = [f"t{writer}:{i}:{k}" for k in range(args.keys)]
+            values = r.mget(keys)
+            present = sum(v is not None for v in values)
+            assert present in (0, args.keys), f"writer {writer} transaction {i}: {present} of {args.keys} keys"
+            if present:
+                assert values == [txn_value(args, i).encode()] * args.keys, (writer, i)
+                found += 1
+                absent_run = 0
+            else:
+                assert i >= acked, f"writer {writer}: acknowledged transaction {i} lost"
+                absent_run += 1
+            i += 1
+        print(f"writer {writer}: {acked} acknowledged, {found} present")
+    print(f"ok: txn-check {args.acked}")
+
+
 def workload(args):
     r = client(args)
     assert r.flushall() is True
@@ -197,16 +346,31 @@ def workload(args):
     for i in range(500):
         p.mset({f"m{i}": i, f"m{i}b": i})
     assert p.execute() == [True] * 500
+    for i in range(50):
+        p = r.pipeline()
+        p.incr("n").set(f"x{i}", i).expire(f"k{i}", 500).get("n")
+        assert p.execute() == [301 + i, True, True, str(301 + i).encode()]
+    assert r.transaction(lambda pipe: pipe.multi() or pipe.incr("n"), "n") == [351]
     print("ok: workload")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("host")
-    ap.add_argument("mode", choices=["basic", "concurrent", "hostile", "raw", "workload"])
+    modes = ["basic", "concurrent", "hostile", "raw", "transactions", "workload"]
+    ap.add_argument("mode", choices=modes + ["txn-writer", "txn-check"])
     ap.add_argument("--protocol", type=int, choices=[2, 3])
+    ap.add_argument("--keys", type=int, default=5, help="SETs per transaction (txn-*)")
+    ap.add_argument("--size", type=int, default=0, help="padding of each value (txn-*)")
+    ap.add_argument("--writer", type=int, default=0, help="txn-writer's number")
+    ap.add_argument(
+        "--acked",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[],
+        help="txn-check: acknowledged transactions per writer, comma separated",
+    )
     args = ap.parse_args()
-    globals()[args.mode](args)
+    globals()[args.mode.replace("-", "_")](args)
 
 
 if __name__ == "__main__":

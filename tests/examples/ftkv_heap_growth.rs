@@ -128,6 +128,7 @@ fn main() {
     CHOICE.store(choice, Ordering::SeqCst);
     let mut engine = Engine::new(Config {
         max_memory: 256 << 20,
+        ..Config::default()
     });
     let Some(mut log) = LogWriter::format(1, 1 << 40) else {
         unreachable!("a 1 TiB log can be formatted");

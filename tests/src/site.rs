@@ -248,10 +248,10 @@ pub fn ftkv_image() -> PathBuf {
 }
 
 /// Guest memory for ftkv in tests: ftkv sizes its connection count to a
-/// worst case of ~5.4 MiB each plus twice `maxmemory` (docs in guest/ftkv),
-/// so 1 GiB with `maxmemory=32M` serves all 128 connections. Host memory is
-/// only used as the guest touches it.
-pub const FTKV_MEMORY_MIB: u64 = 1024;
+/// worst case of ~7.2 MiB each plus twice `maxmemory` (docs in guest/ftkv),
+/// so 1152 MiB with `maxmemory=32M` serves all 128 connections. Host
+/// memory is only used as the guest touches it.
+pub const FTKV_MEMORY_MIB: u64 = 1152;
 
 /// ftkv's keyspace limit (`maxmemory=`) in tests.
 pub const FTKV_MAXMEMORY: u64 = 32 << 20;

@@ -8,11 +8,18 @@
 //! | `redis-cli -3`, `redis-cli -2` (Debian's redis-tools) | RESP3, RESP2 |
 //! | Rust `redis` crate, async multiplexed connection | RESP2 (its default) and RESP3 |
 //!
-//! Each runs connect, SET/GET/INCR/MSET/MGET/DEL/EXPIRE and pipelining.
-//! The redis-py checks live in `tests/clients/redis_py_check.py`.
+//! Each runs connect, SET/GET/INCR/MSET/MGET/DEL/EXPIRE, pipelining and
+//! transactions (redis-py's default `r.pipeline()`, `r.transaction()` with
+//! WATCH; the Rust crate's `redis::pipe().atomic()`). A crash test kills
+//! the VM under a stream of transactions and checks each is all or
+//! nothing after the restart. The redis-py checks live in
+//! `tests/clients/redis_py_check.py`.
 
-use ftvm_tests::site::{self, FtkvSite, GUEST_IP};
+use ftvm_tests::site::{self, FtkvSite, Guard, GUEST_IP};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// A fresh site with its VM started under `ftvm <args>`.
 fn started(prefix: &str, dir: &Path, args: &[&str]) -> FtkvSite {
@@ -21,19 +28,28 @@ fn started(prefix: &str, dir: &Path, args: &[&str]) -> FtkvSite {
     s
 }
 
+/// `timeout 600 python redis_py_check.py GUEST_IP <mode> [extra...]` in
+/// the site's namespace.
+fn redis_py_command(
+    s: &FtkvSite,
+    python: &Path,
+    mode: &str,
+    extra: &[&str],
+) -> std::process::Command {
+    let script = ftvm_tests::repo_root().join("tests/clients/redis_py_check.py");
+    let mut cmd = s.ns.command("timeout");
+    cmd.arg("600")
+        .arg(python)
+        .arg(script)
+        .args([GUEST_IP, mode])
+        .args(extra);
+    cmd
+}
+
 /// Runs `redis_py_check.py GUEST_IP <mode> [extra...]` with `python` in the
 /// site's namespace; fails the test with its output unless it passed.
 fn redis_py(s: &FtkvSite, python: &Path, mode: &str, extra: &[&str]) -> String {
-    let script = ftvm_tests::repo_root().join("tests/clients/redis_py_check.py");
-    let out =
-        s.ns.command("timeout")
-            .arg("600")
-            .arg(python)
-            .arg(script)
-            .args([GUEST_IP, mode])
-            .args(extra)
-            .output()
-            .unwrap();
+    let out = redis_py_command(s, python, mode, extra).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -68,6 +84,7 @@ fn redis_py_default_settings_speak_resp3() {
     let basic = redis_py(&s, &python, "basic", &[]);
     assert!(basic.contains("ok: basic RESP3"), "{basic}");
     redis_py(&s, &python, "concurrent", &[]);
+    redis_py(&s, &python, "transactions", &[]);
     redis_py(&s, &python, "hostile", &[]);
     // HELLO 3 then GET missing is `_`, HELLO 2 the RESP2 array, HELLO 4 -NOPROTO.
     redis_py(&s, &python, "raw", &[]);
@@ -84,6 +101,7 @@ fn redis_py_with_protocol_2() {
     let basic = redis_py(&s, &python, "basic", &["--protocol", "2"]);
     assert!(basic.contains("ok: basic RESP2"), "{basic}");
     redis_py(&s, &python, "concurrent", &["--protocol", "2"]);
+    redis_py(&s, &python, "transactions", &["--protocol", "2"]);
     stop_clean(s, dir.path());
 }
 
@@ -168,6 +186,22 @@ fn redis_cli_in_resp3_and_resp2() {
     stop_clean(s, dir.path());
 }
 
+/// `redis::pipe().atomic()`: MULTI, SET key value, GET key, EXEC. `None`
+/// when EXEC answered nil (a WATCHed key changed).
+async fn set_and_get_atomically(
+    con: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    value: &str,
+) -> redis::RedisResult<Option<(String,)>> {
+    redis::pipe()
+        .atomic()
+        .set(key, value)
+        .ignore()
+        .get(key)
+        .query_async(con)
+        .await
+}
+
 /// The Rust `redis` crate's async multiplexed connection, in RESP2 (the
 /// crate's default) and RESP3: one connection shared by concurrent tasks.
 async fn redis_rs_checks(url: &str) -> redis::RedisResult<()> {
@@ -209,6 +243,45 @@ async fn redis_rs_checks(url: &str) -> redis::RedisResult<()> {
         _ => None,
     };
     assert_eq!(reported, Some(want), "HELLO: {proto:?}");
+
+    // An atomic pipeline: MULTI ... EXEC, the replies of the commands.
+    let (got, n, both): (String, i64, Vec<Option<String>>) = redis::pipe()
+        .atomic()
+        .set(k("ta"), "1")
+        .ignore()
+        .get(k("ta"))
+        .incr(k("tn"), 2)
+        .mget(&[k("ta"), k("zz")])
+        .query_async(&mut con)
+        .await?;
+    assert_eq!((got.as_str(), n), ("1", 2));
+    assert_eq!(both, [Some("1".into()), None]);
+    // 1,000 commands in one transaction.
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for _ in 0..1000 {
+        pipe.incr(k("tc"), 1);
+    }
+    let counts: Vec<i64> = pipe.query_async(&mut con).await?;
+    assert_eq!(counts, (1..=1000).collect::<Vec<i64>>());
+    // WATCH, then another connection changes the key: EXEC answers nil.
+    let mut other = client.get_multiplexed_async_connection().await?;
+    redis::cmd("WATCH")
+        .arg(k("tw"))
+        .query_async::<()>(&mut con)
+        .await?;
+    let _: () = other.set(k("tw"), "other").await?;
+    let aborted = set_and_get_atomically(&mut con, &k("tw"), "mine").await?;
+    assert_eq!(aborted, None);
+    let tw: String = con.get(k("tw")).await?;
+    assert_eq!(tw, "other");
+    // Without a change in between it runs.
+    redis::cmd("WATCH")
+        .arg(k("tw"))
+        .query_async::<()>(&mut con)
+        .await?;
+    let done = set_and_get_atomically(&mut con, &k("tw"), "mine").await?;
+    assert_eq!(done, Some(("mine".into(),)));
 
     // Pipelining: 1,000 commands in one batch.
     let mut pipe = redis::pipe();
@@ -290,4 +363,88 @@ fn a_resp3_client_run_replays_with_the_same_disk_root() {
         "{out}\nrecorded: {record}"
     );
     assert!(out.contains(&root), "{out}\nrecorded: {root}");
+}
+
+/// Lines a child process prints, as they come (read by a thread).
+fn lines_of(guard: &mut Guard) -> mpsc::Receiver<String> {
+    let stdout = guard
+        .child
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn transactions_are_all_or_nothing_after_sigkill() {
+    let Some(python) = python_ready("transactions_are_all_or_nothing_after_sigkill") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = started("ftkv-txk", dir.path(), &["run"]);
+    // Four redis-py clients, each a stream of r.pipeline() transactions of
+    // 8 SETs of ~200 bytes (a record over several sectors).
+    let txn = ["--keys", "8", "--size", "200"];
+    let mut writers: Vec<(Guard, mpsc::Receiver<String>)> = (0..4)
+        .map(|w| {
+            let n = w.to_string();
+            let mut args = vec!["--writer", n.as_str()];
+            args.extend(txn);
+            let mut cmd = redis_py_command(&s, &python, "txn-writer", &args);
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null());
+            let mut guard = Guard::spawn(&mut cmd).unwrap();
+            let lines = lines_of(&mut guard);
+            (guard, lines)
+        })
+        .collect();
+    // Wait (generously: only a hang fails here) until every writer has
+    // 50 transactions acknowledged, so the kill lands in a busy stream.
+    let mut acked = vec![0usize; writers.len()];
+    for (w, (_, lines)) in writers.iter_mut().enumerate() {
+        while acked[w] < 50 {
+            let line = lines
+                .recv_timeout(Duration::from_secs(300))
+                .unwrap_or_else(|e| panic!("writer {w} after {} acks: {e}", acked[w]));
+            assert!(line.starts_with("acked "), "writer {w}: {line}");
+            acked[w] += 1;
+        }
+    }
+    s.kill();
+    // The VM is gone without a word on the wire: end the writers, keeping
+    // every "acked" line they printed (each an acknowledged EXEC, in order).
+    for (guard, _) in &writers {
+        guard.signal(libc::SIGTERM);
+    }
+    for (w, (guard, lines)) in writers.into_iter().enumerate() {
+        guard.wait_status().unwrap();
+        acked[w] += lines.iter().filter(|l| l.starts_with("acked ")).count();
+    }
+
+    s.start(&["run"]).unwrap();
+    let acked_list = acked
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = vec!["--acked", acked_list.as_str()];
+    args.extend(txn);
+    let out = redis_py(&s, &python, "txn-check", &args);
+    println!("{out}");
+    let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+    assert!(console.contains("replayed"), "boot log: {console}");
+    // Whether the kill tore a record this time (it may or may not).
+    for line in console.lines().filter(|l| l.contains("invalid record")) {
+        println!("{line}");
+    }
+    stop_clean(s, dir.path());
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! sector 0 (bytes 0..512): header
 //!   0   8  magic b"FTKVAOF\0"
-//!   8   4  version (1)
+//!   8   4  version (2; version 1 logs are read too)
 //!   12  4  sector size (512)
 //!   16  8  generation: a random nonzero number chosen when the log is made
 //!   24  4  CRC-32 of bytes 0..24
@@ -16,6 +16,13 @@
 //!   8   8  seq: 1 for the first record, +1 for each next one
 //!   16  n  payload (a keyspace change, see `encode_mutation`)
 //! ```
+//!
+//! **Versions.** Version 2 added two payloads: a transaction (the changes
+//! of one `EXEC`, applied all or nothing) and an expiry change. A version 1
+//! log holds neither; it is read as it is, and the glue rewrites its header
+//! as version 2 at boot ([`upgrade_header`]) before appending, so an older
+//! ftkv refuses the disk (`BadVersion`) instead of stopping at the first
+//! record it does not know and writing over the rest.
 //!
 //! **Boot replay** reads records from byte 512 and stops at the first one
 //! that is not valid: a zero length (the normal end: the bytes after the
@@ -45,7 +52,10 @@ use core::fmt;
 
 pub const SECTOR: u64 = 512;
 pub const MAGIC: [u8; 8] = *b"FTKVAOF\0";
-pub const VERSION: u32 = 1;
+/// The version this code writes.
+pub const VERSION: u32 = 2;
+/// The oldest version this code reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// Byte offset of the first record.
 pub const LOG_START: u64 = SECTOR;
 /// Bytes of a record before its payload.
@@ -70,6 +80,8 @@ pub fn record_len(payload_len: usize) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogHeader {
     pub generation: u64,
+    /// [`OLDEST_VERSION`]..=[`VERSION`].
+    pub version: u32,
 }
 
 /// Why sector 0 is not a valid log header.
@@ -128,12 +140,21 @@ pub fn parse_header(sector: &[u8]) -> Result<LogHeader, HeaderError> {
         return Err(HeaderError::BadChecksum);
     }
     let version = le32(&h[8..12]);
-    if version != VERSION || le32(&h[12..16]) != SECTOR as u32 {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) || le32(&h[12..16]) != SECTOR as u32 {
         return Err(HeaderError::BadVersion(version));
     }
     Ok(LogHeader {
         generation: le64(&h[16..24]),
+        version,
     })
+}
+
+/// For a log of an older version found at boot: the header sector to
+/// write (and FLUSH) over sector 0 before anything is appended. Records of
+/// older versions are valid records of this one, so only the version
+/// changes. `None` when the log is current.
+pub fn upgrade_header(report: &ReplayReport) -> Option<[u8; 512]> {
+    (report.version < VERSION).then(|| encode_header(report.generation))
 }
 
 fn le32(b: &[u8]) -> u32 {
@@ -172,12 +193,20 @@ const OP_SET: u8 = 1;
 const OP_MSET: u8 = 2;
 const OP_DEL: u8 = 3;
 const OP_FLUSHALL: u8 = 4;
+// Version 2 on:
+const OP_TRANSACTION: u8 = 5;
+const OP_EXPIRE: u8 = 6;
 
 /// A record payload that does not decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordError {
     Empty,
+    /// An op this version does not have.
     UnknownOp(u8),
+    /// A transaction inside a transaction.
+    NestedTransaction,
+    /// A transaction without changes (never written).
+    EmptyTransaction,
     BadFlags(u8),
     Truncated,
     TrailingBytes,
@@ -188,6 +217,8 @@ impl fmt::Display for RecordError {
         match self {
             RecordError::Empty => f.write_str("empty record"),
             RecordError::UnknownOp(op) => write!(f, "unknown record op {op}"),
+            RecordError::NestedTransaction => f.write_str("transaction inside a transaction"),
+            RecordError::EmptyTransaction => f.write_str("transaction without changes"),
             RecordError::BadFlags(x) => write!(f, "bad record flags {x:#04x}"),
             RecordError::Truncated => f.write_str("record payload truncated"),
             RecordError::TrailingBytes => f.write_str("record payload has trailing bytes"),
@@ -200,13 +231,27 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+fn put_expiry(out: &mut Vec<u8>, expire_at: Option<u64>) {
+    match expire_at {
+        Some(at) => {
+            out.push(1);
+            out.extend_from_slice(&at.to_le_bytes());
+        }
+        None => out.push(0),
+    }
+}
+
 /// Payload encoding:
 ///
 /// ```text
-/// SET:      01, flags (bit 0: has expiry), [expire_at_ms u64], key, value
-/// MSET:     02, count u32, (key, value) * count     (no expiry)
-/// DEL:      03, count u32, key * count
-/// FLUSHALL: 04
+/// SET:         01, flags (bit 0: has expiry), [expire_at_ms u64], key, value
+/// MSET:        02, count u32, (key, value) * count     (no expiry)
+/// DEL:         03, count u32, key * count
+/// FLUSHALL:    04
+/// TRANSACTION: 05, count u32, (length u32, payload) * count   (version 2;
+///              count >= 1; the payloads are any of the others but 05)
+/// EXPIRE:      06, flags (bit 0: has expiry), [expire_at_ms u64], key
+///              (version 2: the key's new expiry, none = PERSIST)
 /// where key / value = length u32, bytes
 /// ```
 pub(crate) fn encode_mutation(m: &Mutation) -> Vec<u8> {
@@ -217,17 +262,17 @@ pub(crate) fn encode_mutation(m: &Mutation) -> Vec<u8> {
             value,
             expire_at,
         } => {
-            out.reserve(14 + key.len() + value.len());
+            out.reserve(18 + key.len() + value.len());
             out.push(OP_SET);
-            match expire_at {
-                Some(at) => {
-                    out.push(1);
-                    out.extend_from_slice(&at.to_le_bytes());
-                }
-                None => out.push(0),
-            }
+            put_expiry(&mut out, *expire_at);
             put_bytes(&mut out, key);
             put_bytes(&mut out, value);
+        }
+        Mutation::Expire { key, expire_at } => {
+            out.reserve(14 + key.len());
+            out.push(OP_EXPIRE);
+            put_expiry(&mut out, *expire_at);
+            put_bytes(&mut out, key);
         }
         Mutation::MSet(pairs) => {
             out.push(OP_MSET);
@@ -247,6 +292,55 @@ pub(crate) fn encode_mutation(m: &Mutation) -> Vec<u8> {
         Mutation::FlushAll => out.push(OP_FLUSHALL),
     }
     out
+}
+
+/// The log record of one `EXEC`, built while its commands run: every
+/// change they make, in order, in one TRANSACTION payload, so replay
+/// applies all of them or none (a record is valid as a whole or not at
+/// all).
+#[derive(Debug)]
+pub(crate) struct TransactionRecord {
+    payload: Vec<u8>,
+    count: u32,
+}
+
+impl TransactionRecord {
+    pub fn new() -> Self {
+        TransactionRecord {
+            payload: vec![OP_TRANSACTION, 0, 0, 0, 0],
+            count: 0,
+        }
+    }
+
+    /// Log bytes that adding a change of `len` payload bytes costs: its
+    /// length prefix, and with the first change the record's own header.
+    pub fn cost(&self, len: usize) -> u64 {
+        let first = if self.count == 0 {
+            record_len(self.payload.len())
+        } else {
+            0
+        };
+        first + 4 + len as u64
+    }
+
+    /// True if a change of `len` payload bytes still fits in the record.
+    pub fn fits(&self, len: usize) -> bool {
+        self.payload.len() + 4 + len <= MAX_PAYLOAD
+    }
+
+    pub fn push(&mut self, change: &[u8]) {
+        put_bytes(&mut self.payload, change);
+        self.count += 1;
+    }
+
+    /// The payload, or `None` if the transaction changed nothing.
+    pub fn finish(mut self) -> Option<Vec<u8>> {
+        if self.count == 0 {
+            return None;
+        }
+        self.payload[1..5].copy_from_slice(&self.count.to_le_bytes());
+        Some(self.payload)
+    }
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -284,17 +378,59 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub(crate) fn decode_mutation(payload: &[u8]) -> Result<Mutation, RecordError> {
+/// A decoded record payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Record {
+    One(Mutation),
+    /// The changes of one EXEC, to apply together.
+    Transaction(Vec<Mutation>),
+}
+
+/// Decodes a record payload of a log of `version` completely (nothing is
+/// applied before the whole payload has decoded).
+pub(crate) fn decode_record(payload: &[u8], version: u32) -> Result<Record, RecordError> {
+    if payload.first() != Some(&OP_TRANSACTION) {
+        return decode_mutation(payload, version).map(Record::One);
+    }
+    if version < 2 {
+        return Err(RecordError::UnknownOp(OP_TRANSACTION));
+    }
+    let mut r = Reader(&payload[1..]);
+    // Each change takes at least its length and an op byte.
+    let n = r.count(5)?;
+    let mut changes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = r.u32()? as usize;
+        let change = r.take(len)?;
+        if change.first() == Some(&OP_TRANSACTION) {
+            return Err(RecordError::NestedTransaction);
+        }
+        changes.push(decode_mutation(change, version)?);
+    }
+    if !r.0.is_empty() {
+        return Err(RecordError::TrailingBytes);
+    }
+    if changes.is_empty() {
+        return Err(RecordError::EmptyTransaction);
+    }
+    Ok(Record::Transaction(changes))
+}
+
+fn get_expiry(r: &mut Reader<'_>) -> Result<Option<u64>, RecordError> {
+    match r.u8()? {
+        0 => Ok(None),
+        1 => Ok(Some(r.u64()?)),
+        x => Err(RecordError::BadFlags(x)),
+    }
+}
+
+/// One change (not a transaction).
+fn decode_mutation(payload: &[u8], version: u32) -> Result<Mutation, RecordError> {
     let mut r = Reader(payload);
     let op = r.u8().map_err(|_| RecordError::Empty)?;
     let m = match op {
         OP_SET => {
-            let flags = r.u8()?;
-            let expire_at = match flags {
-                0 => None,
-                1 => Some(r.u64()?),
-                x => return Err(RecordError::BadFlags(x)),
-            };
+            let expire_at = get_expiry(&mut r)?;
             let key = r.bytes()?;
             let value = r.bytes()?;
             Mutation::Set {
@@ -322,6 +458,11 @@ pub(crate) fn decode_mutation(payload: &[u8]) -> Result<Mutation, RecordError> {
             Mutation::Del(keys)
         }
         OP_FLUSHALL => Mutation::FlushAll,
+        OP_EXPIRE if version >= 2 => {
+            let expire_at = get_expiry(&mut r)?;
+            let key = r.bytes()?;
+            Mutation::Expire { key, expire_at }
+        }
         x => return Err(RecordError::UnknownOp(x)),
     };
     if !r.0.is_empty() {
@@ -361,6 +502,8 @@ pub struct TornTail {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayReport {
     pub generation: u64,
+    /// The log's version (see [`upgrade_header`]).
+    pub version: u32,
     /// Records applied.
     pub records: u64,
     /// Byte offset just after the last valid record: where appending resumes.
@@ -382,6 +525,7 @@ pub struct ReplayReport {
 #[derive(Debug)]
 pub struct Replayer {
     generation: u64,
+    version: u32,
     capacity: u64,
     /// Disk offset of the next record (of `buf[0]` when `buf` is not empty).
     offset: u64,
@@ -398,6 +542,7 @@ impl Replayer {
     pub fn new(header: LogHeader, capacity: u64) -> Self {
         Replayer {
             generation: header.generation,
+            version: header.version,
             capacity: capacity - capacity % SECTOR,
             offset: LOG_START,
             buf: Vec::new(),
@@ -495,7 +640,7 @@ impl Replayer {
                 found: seq,
             }));
         }
-        if let Err(e) = engine.apply_record(payload) {
+        if let Err(e) = engine.apply_record(payload, self.version) {
             return self.stop(torn(TornReason::BadRecord(e)));
         }
         // Keep the bytes of the sector holding the new end.
@@ -537,6 +682,7 @@ impl Replayer {
         };
         ReplayReport {
             generation: self.generation,
+            version: self.version,
             records: self.records,
             end: self.offset,
             next_seq: self.next_seq,

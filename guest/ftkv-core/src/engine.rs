@@ -23,19 +23,56 @@ use core::fmt::Write as _;
 /// accounting (map node, vector headers).
 pub const ENTRY_OVERHEAD: usize = 64;
 
+/// Replies of at most this many bytes always go into an EXEC reply, even
+/// past [`Config::max_reply`]: every write's success reply is this small,
+/// so the outcome of a write is never hidden.
+pub const SMALL_REPLY: usize = 64;
+
+/// Bytes a queued or watched argument is counted as on top of its length
+/// (its vector and allocation), for [`Config::max_queued_bytes`] and
+/// [`Config::max_watched_bytes`].
+pub const ARG_OVERHEAD: usize = 32;
+
 /// Engine settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     /// Writes that would grow the accounted memory past this are refused
     /// with `-OOM`. Default 64 MiB.
     pub max_memory: usize,
+    /// Largest reply to one command (MGET beyond it is refused with `-ERR
+    /// reply too large`) and to one EXEC (replies beyond it are replaced
+    /// by that error, except small ones: [`SMALL_REPLY`]). Default 2 MiB.
+    pub max_reply: usize,
+    /// Most commands one connection may queue after MULTI. Default 10,000.
+    pub max_queued_commands: usize,
+    /// Most bytes of commands one connection may queue, each argument
+    /// counted as its length plus [`ARG_OVERHEAD`]. Default 1 MiB: as much
+    /// as one request may carry; it also keeps the log record of an EXEC
+    /// within one record (`aof::MAX_PAYLOAD`).
+    pub max_queued_bytes: usize,
+    /// Most bytes of keys one connection may WATCH, counted the same way.
+    /// Default 64 KiB.
+    pub max_watched_bytes: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             max_memory: 64 * 1024 * 1024,
+            max_reply: 2 * 1024 * 1024,
+            max_queued_commands: 10_000,
+            max_queued_bytes: 1024 * 1024,
+            max_watched_bytes: 64 * 1024,
         }
+    }
+}
+
+impl Config {
+    /// The largest reply a connection can get: an EXEC reply holds at most
+    /// `max_reply` bytes of large replies plus the small ones.
+    pub fn max_exec_reply(&self) -> usize {
+        self.max_reply
+            .saturating_add(self.max_queued_commands.saturating_mul(SMALL_REPLY))
     }
 }
 
@@ -86,9 +123,11 @@ impl Execution {
 /// What ftkv reports as its Redis version (INFO, HELLO).
 pub const REDIS_VERSION: &str = "7.0.0-ftkv";
 
-/// Per-connection state: the reply protocol (`HELLO`), the client id and
-/// the names a client gives itself (`CLIENT SETNAME`, `CLIENT SETINFO`).
-/// The glue keeps one per connection and passes it to [`Engine::execute`].
+/// Per-connection state: the reply protocol (`HELLO`), the client id, the
+/// names a client gives itself (`CLIENT SETNAME`, `CLIENT SETINFO`), and
+/// its transaction (MULTI, WATCH). The glue keeps one per connection,
+/// passes it to [`Engine::execute`], and hands it to
+/// [`Engine::end_session`] when the connection closes.
 /// (`Default`: id 0, for a slot with no connection yet.)
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Session {
@@ -97,6 +136,45 @@ pub struct Session {
     name: Option<Vec<u8>>,
     lib_name: Option<Vec<u8>>,
     lib_ver: Option<Vec<u8>>,
+    /// Commands queued since MULTI; `None` outside a transaction.
+    multi: Option<Queue>,
+    /// Keys WATCHed, as they were at WATCH.
+    watching: Vec<Watch>,
+    /// `watching` counted for [`Config::max_watched_bytes`].
+    watch_bytes: usize,
+}
+
+/// The commands of a transaction, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Queue {
+    commands: Vec<Vec<Vec<u8>>>,
+    bytes: usize,
+    /// A command was refused while queueing: EXEC answers EXECABORT.
+    failed: bool,
+}
+
+/// One WATCHed key of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Watch {
+    key: Vec<u8>,
+    /// [`WatchedKey::version`] at WATCH.
+    version: u64,
+    /// The key existed at WATCH (then its expiry also aborts EXEC).
+    live: bool,
+}
+
+/// A key some session WATCHes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct WatchedKey {
+    /// How many sessions watch it.
+    watchers: u32,
+    /// Bumped by every change to the key (set, delete, expiry, FLUSHALL).
+    version: u64,
+}
+
+/// What a queued or watched argument counts as (see [`ARG_OVERHEAD`]).
+fn counted(arg: &[u8]) -> usize {
+    arg.len() + ARG_OVERHEAD
 }
 
 impl Session {
@@ -105,11 +183,8 @@ impl Session {
     /// so replay gives the same ids).
     pub fn new(id: u64) -> Self {
         Session {
-            proto: Protocol::Resp2,
             id,
-            name: None,
-            lib_name: None,
-            lib_ver: None,
+            ..Session::default()
         }
     }
 
@@ -139,6 +214,29 @@ impl Session {
     fn set_name(&mut self, name: &[u8]) {
         self.name = (!name.is_empty()).then(|| name.to_vec());
     }
+
+    /// Between MULTI and EXEC/DISCARD.
+    pub fn in_transaction(&self) -> bool {
+        self.multi.is_some()
+    }
+
+    /// Commands queued since MULTI.
+    pub fn queued(&self) -> usize {
+        self.multi.as_ref().map_or(0, |q| q.commands.len())
+    }
+
+    /// Keys this connection WATCHes.
+    pub fn watched(&self) -> usize {
+        self.watching.len()
+    }
+
+    /// A command was refused while queueing (Redis's "flagTransaction"):
+    /// the EXEC that follows answers EXECABORT.
+    fn fail_transaction(&mut self) {
+        if let Some(q) = &mut self.multi {
+            q.failed = true;
+        }
+    }
 }
 
 /// Error replies used in more than one place (without the leading `-`).
@@ -155,6 +253,11 @@ pub mod errors {
     pub const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
     pub const BAD_CLIENT_NAME: &str =
         "ERR Client names cannot contain spaces, newlines or special characters.";
+    pub const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
+    pub const EXEC_WITHOUT_MULTI: &str = "ERR EXEC without MULTI";
+    pub const DISCARD_WITHOUT_MULTI: &str = "ERR DISCARD without MULTI";
+    pub const NESTED_MULTI: &str = "ERR MULTI calls can not be nested";
+    pub const WATCH_IN_MULTI: &str = "ERR WATCH inside MULTI is not allowed";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +277,11 @@ pub(crate) enum Mutation {
     Set {
         key: Vec<u8>,
         value: Vec<u8>,
+        expire_at: Option<u64>,
+    },
+    /// The new expiry of an existing key (`None`: PERSIST).
+    Expire {
+        key: Vec<u8>,
         expire_at: Option<u64>,
     },
     MSet(Vec<(Vec<u8>, Vec<u8>)>),
@@ -202,6 +310,13 @@ pub struct Engine {
     write_error: bool,
     connected_clients: usize,
     stats: Stats,
+    /// Keys some session WATCHes.
+    watched: BTreeMap<Vec<u8>, WatchedKey>,
+    /// While EXEC runs: its log record, which collects every change.
+    transaction: Option<aof::TransactionRecord>,
+    /// Bytes the reply being built may take: `max_reply`, or inside EXEC
+    /// what the replies before left of it.
+    reply_room: usize,
 }
 
 impl Default for Engine {
@@ -217,160 +332,125 @@ struct Spec {
     /// Like Redis: n > 0 exactly n arguments (name included), n < 0 at least -n.
     arity: i32,
     handler: Handler,
+    /// Subcommands `(name, arity)`, checked like commands (also when
+    /// queued); empty for a command without.
+    subcommands: &'static [(&'static str, i32)],
+    /// Runs at once inside MULTI instead of being queued.
+    not_queued: bool,
+}
+
+impl Spec {
+    const fn new(name: &'static str, arity: i32, handler: Handler) -> Spec {
+        Spec {
+            name,
+            arity,
+            handler,
+            subcommands: &[],
+            not_queued: false,
+        }
+    }
+
+    const fn subcommands(mut self, subcommands: &'static [(&'static str, i32)]) -> Spec {
+        self.subcommands = subcommands;
+        self
+    }
+
+    const fn not_queued(mut self) -> Spec {
+        self.not_queued = true;
+        self
+    }
+}
+
+fn arity_ok(arity: i32, n: usize) -> bool {
+    let n = n as i64;
+    let arity = arity as i64;
+    if arity > 0 {
+        n == arity
+    } else {
+        n >= -arity
+    }
 }
 
 const COMMANDS: &[Spec] = &[
-    Spec {
-        name: "ping",
-        arity: -1,
-        handler: Engine::cmd_ping,
-    },
-    Spec {
-        name: "echo",
-        arity: 2,
-        handler: Engine::cmd_echo,
-    },
-    Spec {
-        name: "get",
-        arity: 2,
-        handler: Engine::cmd_get,
-    },
-    Spec {
-        name: "set",
-        arity: -3,
-        handler: Engine::cmd_set,
-    },
-    Spec {
-        name: "del",
-        arity: -2,
-        handler: Engine::cmd_del,
-    },
-    Spec {
-        name: "exists",
-        arity: -2,
-        handler: Engine::cmd_exists,
-    },
-    Spec {
-        name: "incr",
-        arity: 2,
-        handler: Engine::cmd_incr,
-    },
-    Spec {
-        name: "decr",
-        arity: 2,
-        handler: Engine::cmd_decr,
-    },
-    Spec {
-        name: "incrby",
-        arity: 3,
-        handler: Engine::cmd_incrby,
-    },
-    Spec {
-        name: "decrby",
-        arity: 3,
-        handler: Engine::cmd_decrby,
-    },
-    Spec {
-        name: "mget",
-        arity: -2,
-        handler: Engine::cmd_mget,
-    },
-    Spec {
-        name: "mset",
-        arity: -3,
-        handler: Engine::cmd_mset,
-    },
-    Spec {
-        name: "expire",
-        arity: -3,
-        handler: Engine::cmd_expire,
-    },
-    Spec {
-        name: "pexpire",
-        arity: -3,
-        handler: Engine::cmd_pexpire,
-    },
-    Spec {
-        name: "expireat",
-        arity: -3,
-        handler: Engine::cmd_expireat,
-    },
-    Spec {
-        name: "pexpireat",
-        arity: -3,
-        handler: Engine::cmd_pexpireat,
-    },
-    Spec {
-        name: "persist",
-        arity: 2,
-        handler: Engine::cmd_persist,
-    },
-    Spec {
-        name: "ttl",
-        arity: 2,
-        handler: Engine::cmd_ttl,
-    },
-    Spec {
-        name: "pttl",
-        arity: 2,
-        handler: Engine::cmd_pttl,
-    },
-    Spec {
-        name: "dbsize",
-        arity: 1,
-        handler: Engine::cmd_dbsize,
-    },
-    Spec {
-        name: "flushall",
-        arity: -1,
-        handler: Engine::cmd_flushall,
-    },
-    Spec {
-        name: "flushdb",
-        arity: -1,
-        handler: Engine::cmd_flushall,
-    },
-    Spec {
-        name: "info",
-        arity: -1,
-        handler: Engine::cmd_info,
-    },
-    Spec {
-        name: "command",
-        arity: -1,
-        handler: Engine::cmd_command,
-    },
-    Spec {
-        name: "config",
-        arity: -2,
-        handler: Engine::cmd_config,
-    },
-    Spec {
-        name: "select",
-        arity: 2,
-        handler: Engine::cmd_select,
-    },
-    Spec {
-        name: "auth",
-        arity: -2,
-        handler: Engine::cmd_auth,
-    },
-    Spec {
-        name: "hello",
-        arity: -1,
-        handler: Engine::cmd_hello,
-    },
-    Spec {
-        name: "client",
-        arity: -2,
-        handler: Engine::cmd_client,
-    },
-    Spec {
-        name: "quit",
-        arity: -1,
-        handler: Engine::cmd_quit,
-    },
+    Spec::new("ping", -1, Engine::cmd_ping),
+    Spec::new("echo", 2, Engine::cmd_echo),
+    Spec::new("get", 2, Engine::cmd_get),
+    Spec::new("set", -3, Engine::cmd_set),
+    Spec::new("del", -2, Engine::cmd_del),
+    Spec::new("exists", -2, Engine::cmd_exists),
+    Spec::new("incr", 2, Engine::cmd_incr),
+    Spec::new("decr", 2, Engine::cmd_decr),
+    Spec::new("incrby", 3, Engine::cmd_incrby),
+    Spec::new("decrby", 3, Engine::cmd_decrby),
+    Spec::new("mget", -2, Engine::cmd_mget),
+    Spec::new("mset", -3, Engine::cmd_mset),
+    Spec::new("expire", -3, Engine::cmd_expire),
+    Spec::new("pexpire", -3, Engine::cmd_pexpire),
+    Spec::new("expireat", -3, Engine::cmd_expireat),
+    Spec::new("pexpireat", -3, Engine::cmd_pexpireat),
+    Spec::new("persist", 2, Engine::cmd_persist),
+    Spec::new("ttl", 2, Engine::cmd_ttl),
+    Spec::new("pttl", 2, Engine::cmd_pttl),
+    Spec::new("dbsize", 1, Engine::cmd_dbsize),
+    Spec::new("flushall", -1, Engine::cmd_flushall),
+    Spec::new("flushdb", -1, Engine::cmd_flushall),
+    Spec::new("info", -1, Engine::cmd_info),
+    Spec::new("command", -1, Engine::cmd_command).subcommands(&[
+        ("count", 2),
+        ("docs", -2),
+        ("info", -2),
+        ("list", -2),
+    ]),
+    Spec::new("config", -2, Engine::cmd_config).subcommands(&[
+        ("get", -3),
+        ("resetstat", 2),
+        ("set", -4),
+    ]),
+    Spec::new("select", 2, Engine::cmd_select),
+    Spec::new("auth", -2, Engine::cmd_auth),
+    Spec::new("hello", -1, Engine::cmd_hello),
+    Spec::new("client", -2, Engine::cmd_client).subcommands(&[
+        ("setname", 3),
+        ("getname", 2),
+        ("id", 2),
+        ("setinfo", 4),
+    ]),
+    Spec::new("quit", -1, Engine::cmd_quit).not_queued(),
+    Spec::new("multi", 1, Engine::cmd_multi).not_queued(),
+    Spec::new("exec", 1, Engine::cmd_exec).not_queued(),
+    Spec::new("discard", 1, Engine::cmd_discard).not_queued(),
+    Spec::new("watch", -2, Engine::cmd_watch).not_queued(),
+    Spec::new("unwatch", 1, Engine::cmd_unwatch),
 ];
+
+fn find_command(name: &[u8]) -> Option<&'static Spec> {
+    COMMANDS
+        .iter()
+        .find(|s| name.eq_ignore_ascii_case(s.name.as_bytes()))
+}
+
+/// Checks a command's arguments against its spec as Redis does before
+/// running or queueing it: the number of arguments, and the subcommand
+/// and its number of arguments. The error message without the `-`.
+fn check_arguments(spec: &Spec, args: &[Vec<u8>]) -> Result<(), Vec<u8>> {
+    if !arity_ok(spec.arity, args.len()) {
+        return Err(wrong_arity_message(spec.name, None));
+    }
+    let (Some(sub), false) = (args.get(1), spec.subcommands.is_empty()) else {
+        return Ok(());
+    };
+    let Some(&(sub_name, arity)) = spec
+        .subcommands
+        .iter()
+        .find(|(n, _)| sub.eq_ignore_ascii_case(n.as_bytes()))
+    else {
+        return Err(unknown_subcommand_message(sub, spec.name));
+    };
+    if !arity_ok(arity, args.len()) {
+        return Err(wrong_arity_message(spec.name, Some(sub_name)));
+    }
+    Ok(())
+}
 
 impl Engine {
     pub fn new(config: Config) -> Self {
@@ -383,6 +463,9 @@ impl Engine {
             write_error: false,
             connected_clients: 0,
             stats: Stats::default(),
+            watched: BTreeMap::new(),
+            transaction: None,
+            reply_room: config.max_reply,
         }
     }
 
@@ -466,34 +549,78 @@ impl Engine {
         dead.len()
     }
 
-    /// Applies one log record payload (replay at boot). The payload is fully
-    /// decoded and checked before anything changes. The memory limit is not
-    /// applied: a logged write was acknowledged and must come back.
-    pub fn apply_record(&mut self, payload: &[u8]) -> Result<(), aof::RecordError> {
-        let m = aof::decode_mutation(payload)?;
-        self.apply(m);
+    /// Applies one log record payload of a log of `version` (replay at
+    /// boot). The payload is fully decoded and checked before anything
+    /// changes, so a transaction is applied whole or not at all. The memory
+    /// limit is not applied: a logged write was acknowledged and must come
+    /// back.
+    pub fn apply_record(&mut self, payload: &[u8], version: u32) -> Result<(), aof::RecordError> {
+        match aof::decode_record(payload, version)? {
+            aof::Record::One(m) => self.apply(m),
+            aof::Record::Transaction(changes) => {
+                for m in changes {
+                    self.apply(m);
+                }
+            }
+        }
         Ok(())
     }
 
     /// Runs one command of the connection `session` at time `now_ms` (ms on
     /// a clock that never goes back, also across restarts: absolute expiry
     /// times are stored in the log). The reply is in the session's protocol.
+    ///
+    /// Inside MULTI a valid command is queued (`+QUEUED`) and runs at EXEC,
+    /// whose reply and log record cover the whole transaction.
     pub fn execute(&mut self, session: &mut Session, args: &[Vec<u8>], now_ms: u64) -> Execution {
-        self.stats.commands += 1;
         let Some(name) = args.first() else {
             return Execution::error("ERR empty command");
         };
-        let Some(spec) = COMMANDS
-            .iter()
-            .find(|s| name.eq_ignore_ascii_case(s.name.as_bytes()))
-        else {
+        let Some(spec) = find_command(name) else {
+            self.stats.commands += 1;
+            session.fail_transaction();
             return unknown_command(args);
         };
-        let n = args.len() as i32;
-        if (spec.arity > 0 && n != spec.arity) || (spec.arity < 0 && n < -spec.arity) {
-            return wrong_arity(spec.name);
+        if let Err(message) = check_arguments(spec, args) {
+            self.stats.commands += 1;
+            if spec.name == "exec" {
+                // Redis answers a malformed EXEC by discarding the
+                // transaction, saying why.
+                self.discard_transaction(session);
+                let mut msg = b"EXECABORT Transaction discarded because of: ".to_vec();
+                msg.extend_from_slice(message.strip_prefix(b"ERR ").unwrap_or(&message));
+                return Execution::error_bytes(&msg);
+            }
+            session.fail_transaction();
+            return Execution::error_bytes(&message);
         }
+        if session.multi.is_some() && !spec.not_queued {
+            return self.queue(session, args);
+        }
+        self.stats.commands += 1;
         (spec.handler)(self, session, args, now_ms)
+    }
+
+    /// Distinct keys WATCHed by any connection.
+    pub fn watched_keys(&self) -> usize {
+        self.watched.len()
+    }
+
+    /// The connection of `session` closed: forget its transaction and
+    /// watches (the engine counts watchers per key).
+    pub fn end_session(&mut self, session: &mut Session) {
+        self.discard_transaction(session);
+    }
+
+    /// After the glue rebuilt the keyspace from the log (a failed write):
+    /// takes over the watches of the engine it replaces, all marked
+    /// changed, so the open connections' sessions stay consistent with it
+    /// and every pending EXEC with WATCH aborts.
+    pub fn take_watches(&mut self, old: &mut Engine) {
+        self.watched = core::mem::take(&mut old.watched);
+        for w in self.watched.values_mut() {
+            w.version += 1;
+        }
     }
 
     // ---- keyspace primitives ----
@@ -508,8 +635,16 @@ impl Engine {
         self.map.get(key)
     }
 
+    /// A watched key changed: EXECs that WATCH it abort.
+    fn touch(&mut self, key: &[u8]) {
+        if let Some(w) = self.watched.get_mut(key) {
+            w.version += 1;
+        }
+    }
+
     fn remove(&mut self, key: &[u8]) -> Option<Entry> {
         let e = self.map.remove(key)?;
+        self.touch(key);
         self.used_memory -= entry_size(key, &e.value);
         if e.expire_at.is_some() {
             self.with_expiry -= 1;
@@ -519,6 +654,7 @@ impl Engine {
 
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>, expire_at: Option<u64>) {
         self.remove(&key);
+        self.touch(&key);
         self.used_memory += entry_size(&key, &value);
         if expire_at.is_some() {
             self.with_expiry += 1;
@@ -533,6 +669,19 @@ impl Engine {
                 value,
                 expire_at,
             } => self.insert(key, value, expire_at),
+            Mutation::Expire { key, expire_at } => {
+                // The key exists: the change was made to a live key, and
+                // replay has every key the run had (expired ones too).
+                if let Some(e) = self.map.get_mut(&key) {
+                    match (e.expire_at.is_some(), expire_at.is_some()) {
+                        (false, true) => self.with_expiry += 1,
+                        (true, false) => self.with_expiry -= 1,
+                        _ => {}
+                    }
+                    e.expire_at = expire_at;
+                    self.touch(&key);
+                }
+            }
             Mutation::MSet(pairs) => {
                 for (k, v) in pairs {
                     self.insert(k, v, None);
@@ -544,6 +693,13 @@ impl Engine {
                 }
             }
             Mutation::FlushAll => {
+                // Like Redis: watchers of keys that exist see a change.
+                let map = &self.map;
+                for (key, w) in self.watched.iter_mut() {
+                    if map.contains_key(key) {
+                        w.version += 1;
+                    }
+                }
                 self.map.clear();
                 self.used_memory = 0;
                 self.with_expiry = 0;
@@ -566,7 +722,7 @@ impl Engine {
                 let old: usize = last.keys().map(|k| old(k)).sum();
                 new.saturating_sub(old)
             }
-            Mutation::Del(_) | Mutation::FlushAll => 0,
+            Mutation::Expire { .. } | Mutation::Del(_) | Mutation::FlushAll => 0,
         }
     }
 
@@ -580,8 +736,15 @@ impl Engine {
             return Execution::error(errors::OOM);
         }
         let payload = aof::encode_mutation(&m);
-        let need = aof::record_len(payload.len());
-        if payload.len() > aof::MAX_PAYLOAD {
+        let (fits, need) = match &self.transaction {
+            None => (
+                payload.len() <= aof::MAX_PAYLOAD,
+                aof::record_len(payload.len()),
+            ),
+            // Cannot happen within the transaction limits (docs/ftkv.md).
+            Some(t) => (t.fits(payload.len()), t.cost(payload.len())),
+        };
+        if !fits {
             return Execution::error("ERR request too large for one log record");
         }
         if let Some(budget) = self.log_budget {
@@ -591,9 +754,16 @@ impl Engine {
             self.log_budget = Some(budget - need);
         }
         self.apply(m);
+        let log = match &mut self.transaction {
+            None => Some(payload),
+            Some(t) => {
+                t.push(&payload);
+                None
+            }
+        };
         Execution {
             reply: reply.into_bytes(),
-            log: Some(payload),
+            log,
             close: false,
         }
     }
@@ -790,6 +960,15 @@ impl Engine {
     }
 
     fn cmd_mget(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        // The only reply that can grow far beyond its request: sized first.
+        let mut size = 0usize;
+        for key in &args[1..] {
+            let len = self.peek(key, now).map_or(5, |v| v.len() + 16);
+            size = size.saturating_add(len);
+        }
+        if size > self.reply_room {
+            return self.reply_too_large();
+        }
         let mut r = s.reply();
         r.array(args.len() - 1);
         for key in &args[1..] {
@@ -872,15 +1051,9 @@ impl Engine {
         if at <= now as i64 {
             return self.commit(Mutation::Del(alloc::vec![key.clone()]), r);
         }
-        let value = self
-            .map
-            .get(key)
-            .map(|e| e.value.clone())
-            .unwrap_or_default();
         self.commit(
-            Mutation::Set {
+            Mutation::Expire {
                 key: key.clone(),
-                value,
                 expire_at: Some(at as u64),
             },
             r,
@@ -908,19 +1081,14 @@ impl Engine {
     fn cmd_persist(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
         let key = &args[1];
         let mut r = s.reply();
-        let Some(Entry {
-            value,
-            expire_at: Some(_),
-        }) = self.live(key, now).cloned()
-        else {
+        if self.live(key, now).is_none_or(|e| e.expire_at.is_none()) {
             r.int(0);
             return Execution::reply(r);
-        };
+        }
         r.int(1);
         self.commit(
-            Mutation::Set {
+            Mutation::Expire {
                 key: key.clone(),
-                value,
                 expire_at: None,
             },
             r,
@@ -1064,7 +1232,7 @@ impl Engine {
                 }
             }
             Some(sub) if sub.eq_ignore_ascii_case(b"list") => r.array(0),
-            Some(sub) => return unknown_subcommand(sub, "COMMAND"),
+            Some(sub) => return unknown_subcommand(sub, "command"),
         }
         Execution::reply(r)
     }
@@ -1072,9 +1240,6 @@ impl Engine {
     fn cmd_config(&mut self, s: &mut Session, args: &[Vec<u8>], _now: u64) -> Execution {
         let sub = &args[1];
         if sub.eq_ignore_ascii_case(b"get") {
-            if args.len() < 3 {
-                return wrong_arity("config|get");
-            }
             let mut maxmemory = Vec::new();
             crate::resp::push_decimal(&mut maxmemory, self.config.max_memory as i64);
             let params: [(&str, &[u8]); 5] = [
@@ -1108,7 +1273,7 @@ impl Engine {
         } else if sub.eq_ignore_ascii_case(b"set") {
             Execution::error("ERR CONFIG SET is not supported by ftkv")
         } else {
-            unknown_subcommand(sub, "CONFIG")
+            unknown_subcommand(sub, "config")
         }
     }
 
@@ -1201,32 +1366,20 @@ impl Engine {
         let sub = &args[1];
         let mut r = s.reply();
         if sub.eq_ignore_ascii_case(b"setname") {
-            if args.len() != 3 {
-                return wrong_arity("client|setname");
-            }
             if !valid_attribute(&args[2]) {
                 return Execution::error(errors::BAD_CLIENT_NAME);
             }
             s.set_name(&args[2]);
             return Execution::ok();
         } else if sub.eq_ignore_ascii_case(b"getname") {
-            if args.len() != 2 {
-                return wrong_arity("client|getname");
-            }
             match &s.name {
                 Some(name) => r.bulk(name),
                 None => r.null(),
             }
         } else if sub.eq_ignore_ascii_case(b"id") {
-            if args.len() != 2 {
-                return wrong_arity("client|id");
-            }
             r.int(s.id as i64);
         } else if sub.eq_ignore_ascii_case(b"setinfo") {
             // Redis 7.2's CLIENT SETINFO: the library's name and version.
-            if args.len() != 4 {
-                return wrong_arity("client|setinfo");
-            }
             let (attr, value) = (&args[2], &args[3]);
             let slot = if attr.eq_ignore_ascii_case(b"lib-name") {
                 &mut s.lib_name
@@ -1247,7 +1400,7 @@ impl Engine {
             *slot = (!value.is_empty()).then(|| value.clone());
             return Execution::ok();
         } else {
-            return unknown_subcommand(sub, "CLIENT");
+            return unknown_subcommand(sub, "client");
         }
         Execution::reply(r)
     }
@@ -1256,6 +1409,169 @@ impl Engine {
         let mut e = Execution::ok();
         e.close = true;
         e
+    }
+
+    // ---- transactions ----
+
+    fn cmd_multi(&mut self, s: &mut Session, _args: &[Vec<u8>], _now: u64) -> Execution {
+        if s.multi.is_some() {
+            // Redis does not fail the transaction for this.
+            return Execution::error(errors::NESTED_MULTI);
+        }
+        s.multi = Some(Queue::default());
+        Execution::ok()
+    }
+
+    /// Queues a checked command of a session in MULTI, within the limits.
+    fn queue(&mut self, s: &mut Session, args: &[Vec<u8>]) -> Execution {
+        let cost: usize = args.iter().map(|a| counted(a)).sum();
+        let Some(q) = s.multi.as_mut() else {
+            return Execution::error(errors::EXEC_WITHOUT_MULTI);
+        };
+        if q.commands.len() >= self.config.max_queued_commands
+            || q.bytes + cost > self.config.max_queued_bytes
+        {
+            q.failed = true;
+            return Execution::error(&alloc::format!(
+                "ERR transaction too large: at most {} queued commands and {} bytes",
+                self.config.max_queued_commands,
+                self.config.max_queued_bytes
+            ));
+        }
+        q.commands.push(args.to_vec());
+        q.bytes += cost;
+        let mut r = s.reply();
+        r.simple("QUEUED");
+        Execution::reply(r)
+    }
+
+    fn cmd_discard(&mut self, s: &mut Session, _args: &[Vec<u8>], _now: u64) -> Execution {
+        if s.multi.is_none() {
+            return Execution::error(errors::DISCARD_WITHOUT_MULTI);
+        }
+        self.discard_transaction(s);
+        Execution::ok()
+    }
+
+    /// Ends the session's transaction (if any) and its watches.
+    fn discard_transaction(&mut self, s: &mut Session) {
+        s.multi = None;
+        self.unwatch_all(s);
+    }
+
+    fn cmd_watch(&mut self, s: &mut Session, args: &[Vec<u8>], now: u64) -> Execution {
+        if s.multi.is_some() {
+            // Redis does not fail the transaction for this.
+            return Execution::error(errors::WATCH_IN_MULTI);
+        }
+        let mut new: Vec<&Vec<u8>> = Vec::new();
+        for key in &args[1..] {
+            if !new.contains(&key) && !s.watching.iter().any(|w| &w.key == key) {
+                new.push(key);
+            }
+        }
+        let cost: usize = new.iter().map(|k| counted(k)).sum();
+        if s.watch_bytes + cost > self.config.max_watched_bytes {
+            return Execution::error(&alloc::format!(
+                "ERR too many watched keys: at most {} bytes of them",
+                self.config.max_watched_bytes
+            ));
+        }
+        for key in new {
+            // An expired key is removed now (a change seen by whoever
+            // watched it while it lived), so its removal later is no change
+            // for this session, as in Redis.
+            let live = self.live(key, now).is_some();
+            let w = self.watched.entry(key.clone()).or_default();
+            w.watchers += 1;
+            s.watching.push(Watch {
+                key: key.clone(),
+                version: w.version,
+                live,
+            });
+        }
+        s.watch_bytes += cost;
+        Execution::ok()
+    }
+
+    fn cmd_unwatch(&mut self, s: &mut Session, _args: &[Vec<u8>], _now: u64) -> Execution {
+        self.unwatch_all(s);
+        Execution::ok()
+    }
+
+    fn unwatch_all(&mut self, s: &mut Session) {
+        for w in core::mem::take(&mut s.watching) {
+            if let Some(k) = self.watched.get_mut(&w.key) {
+                k.watchers = k.watchers.saturating_sub(1);
+                if k.watchers == 0 {
+                    self.watched.remove(&w.key);
+                }
+            }
+        }
+        s.watch_bytes = 0;
+    }
+
+    /// No key the session WATCHes changed since WATCH, and none that
+    /// existed then has expired since.
+    fn watches_hold(&self, s: &Session, now: u64) -> bool {
+        s.watching.iter().all(|w| {
+            self.watched
+                .get(&w.key)
+                .is_some_and(|k| k.version == w.version)
+                && (!w.live || self.peek(&w.key, now).is_some())
+        })
+    }
+
+    fn cmd_exec(&mut self, s: &mut Session, _args: &[Vec<u8>], now: u64) -> Execution {
+        let Some(queue) = s.multi.take() else {
+            return Execution::error(errors::EXEC_WITHOUT_MULTI);
+        };
+        let watches_hold = self.watches_hold(s, now);
+        self.unwatch_all(s);
+        if queue.failed {
+            return Execution::error(errors::EXECABORT);
+        }
+        let mut r = s.reply();
+        if !watches_hold {
+            r.null_array();
+            return Execution::reply(r);
+        }
+        r.array(queue.commands.len());
+        let mut reply = r.into_bytes();
+        self.transaction = Some(aof::TransactionRecord::new());
+        let mut used = 0usize;
+        for args in &queue.commands {
+            self.stats.commands += 1;
+            self.reply_room = self.config.max_reply.saturating_sub(used);
+            // Checked when queued; only the session's state may differ.
+            let e = match find_command(&args[0]) {
+                Some(spec) => (spec.handler)(self, s, args, now),
+                None => unknown_command(args),
+            };
+            if e.reply.len() > SMALL_REPLY && used + e.reply.len() > self.config.max_reply {
+                reply.extend_from_slice(&self.reply_too_large().reply);
+            } else {
+                used += e.reply.len();
+                reply.extend_from_slice(&e.reply);
+            }
+        }
+        self.reply_room = self.config.max_reply;
+        let log = self
+            .transaction
+            .take()
+            .and_then(aof::TransactionRecord::finish);
+        Execution {
+            reply,
+            log,
+            close: false,
+        }
+    }
+
+    fn reply_too_large(&self) -> Execution {
+        Execution::error(&alloc::format!(
+            "ERR reply too large (limit {} bytes)",
+            self.config.max_reply
+        ))
     }
 }
 
@@ -1280,9 +1596,19 @@ fn is_expired(e: &Entry, now: u64) -> bool {
 }
 
 fn wrong_arity(name: &str) -> Execution {
-    Execution::error(&alloc::format!(
-        "ERR wrong number of arguments for '{name}' command"
-    ))
+    Execution::error_bytes(&wrong_arity_message(name, None))
+}
+
+/// `ERR wrong number of arguments for 'name' command` (`name|sub` for a subcommand).
+fn wrong_arity_message(name: &str, sub: Option<&str>) -> Vec<u8> {
+    let mut msg = b"ERR wrong number of arguments for '".to_vec();
+    msg.extend_from_slice(name.as_bytes());
+    if let Some(sub) = sub {
+        msg.push(b'|');
+        msg.extend_from_slice(sub.as_bytes());
+    }
+    msg.extend_from_slice(b"' command");
+    msg
 }
 
 /// Redis 7's text: `ERR unknown command 'x', with args beginning with: 'a' 'b' `.
@@ -1305,12 +1631,17 @@ fn unknown_command(args: &[Vec<u8>]) -> Execution {
 }
 
 fn unknown_subcommand(sub: &[u8], command: &str) -> Execution {
+    Execution::error_bytes(&unknown_subcommand_message(sub, command))
+}
+
+/// Redis's text: `ERR unknown subcommand 'x'. Try CONFIG HELP.`
+fn unknown_subcommand_message(sub: &[u8], command: &str) -> Vec<u8> {
     let mut msg = b"ERR unknown subcommand '".to_vec();
     msg.extend_from_slice(&sub[..sub.len().min(128)]);
     msg.extend_from_slice(b"'. Try ");
-    msg.extend_from_slice(command.as_bytes());
+    msg.extend_from_slice(command.to_ascii_uppercase().as_bytes());
     msg.extend_from_slice(b" HELP.");
-    Execution::error_bytes(&msg)
+    msg
 }
 
 /// `*` and `?` glob matching (for CONFIG GET): iterative, so no pattern

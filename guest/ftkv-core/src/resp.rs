@@ -564,6 +564,15 @@ impl Reply {
         }
     }
 
+    /// A missing array (EXEC aborted by WATCH): `*-1` / `_`.
+    pub fn null_array(&mut self) {
+        match self.proto {
+            Protocol::Resp2 => self.out.extend_from_slice(b"*-1\r\n"),
+            // RESP3 has one null for every type.
+            Protocol::Resp3 => self.null(),
+        }
+    }
+
     /// An array of `n` elements, pushed next.
     pub fn array(&mut self, n: usize) {
         push_array_len(&mut self.out, n);

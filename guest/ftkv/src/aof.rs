@@ -44,8 +44,10 @@ fn random_generation() -> u64 {
 
 /// Reads the log from `disk` into `engine`. A blank disk is formatted (and
 /// the header made durable at once); a disk without the ftkv magic only if
-/// `allow_format`; a damaged header or another version is refused, and the
-/// disk is left untouched.
+/// `allow_format`; a damaged header or an unknown version is refused, and
+/// the disk is left untouched. A log of an older version gets the current
+/// version's header (made durable before anything is appended, so an older
+/// ftkv refuses the disk rather than misread the new records).
 pub fn boot(disk: Disk, engine: &mut Engine, allow_format: bool) -> Result<(Aof, Boot), String> {
     let mut disk = disk;
     let capacity = disk.capacity() - disk.capacity() % SECTOR as u64;
@@ -63,6 +65,10 @@ pub fn boot(disk: Disk, engine: &mut Engine, allow_format: bool) -> Result<(Aof,
         }
         Err(e) => return Err(format!("{e}; refusing to start (the disk is not changed)")),
     };
+    if let Some(header) = aof::upgrade_header(&report) {
+        disk.write_durable(0, &header)
+            .map_err(|e| format!("upgrading the log header failed: {e}"))?;
+    }
     let writer = LogWriter::resume(&report);
     Ok((
         Aof {

@@ -60,6 +60,13 @@ fn main() -> i32 {
                         println!("ftkv: replayed 0 records");
                     }
                     aof::Boot::Replayed(report) => {
+                        if report.version < ftkv_core::aof::VERSION {
+                            println!(
+                                "ftkv: log format version {} upgraded to {}",
+                                report.version,
+                                ftkv_core::aof::VERSION
+                            );
+                        }
                         if let Some(torn) = report.torn {
                             println!(
                                 "ftkv: log ends with an invalid record at byte {} ({:?}): discarded",

@@ -46,9 +46,6 @@ pub const SOCKET_TX: usize = 32 * 1024;
 /// Stop executing a connection's commands while this many reply bytes wait
 /// to be sent (it reads no more either: TCP flow control pushes back).
 pub const OUT_HIGH: usize = 256 * 1024;
-/// Largest reply built for one command (MGET is the only one that can grow
-/// big: up to 1024 values of 512 KiB). Larger: `-ERR reply too large`.
-pub const MAX_REPLY: usize = 2 * 1024 * 1024;
 /// Below this many listening sockets, TIME-WAIT sockets are reused.
 const LISTEN_SPARE: usize = 8;
 /// Longest WAIT when nothing is scheduled.
@@ -56,14 +53,20 @@ const IDLE_WAIT_NS: u64 = 1_000_000_000;
 /// Expired keys are purged (without logging) this often when idle.
 const PURGE_EVERY_MS: u64 = 10_000;
 
-const ERR_REPLY_TOO_LARGE: &str = "ERR reply too large (limit 2097152 bytes)";
-
 /// Worst-case heap a connection can hold: the parser's buffer (up to
 /// `max_buffer`, with Vec growth up to twice that) plus one request being
-/// assembled, the reply backlog plus one maximal reply, and the socket
-/// buffers.
-fn worst_case_per_connection(limits: &Limits) -> usize {
-    2 * limits.max_buffer + limits.max_request + OUT_HIGH + MAX_REPLY + SOCKET_RX + SOCKET_TX
+/// assembled, the reply backlog plus one maximal reply (an EXEC's), its
+/// queued transaction and watched keys (a copy in the session and one in
+/// the engine), and the socket buffers.
+fn worst_case_per_connection(limits: &Limits, engine: &ftkv_core::Config) -> usize {
+    2 * limits.max_buffer
+        + limits.max_request
+        + OUT_HIGH
+        + engine.max_exec_reply()
+        + engine.max_queued_bytes
+        + 2 * engine.max_watched_bytes
+        + SOCKET_RX
+        + SOCKET_TX
 }
 
 #[derive(Default)]
@@ -153,7 +156,7 @@ pub fn run(settings: Settings, engine: Engine, log: Option<Aof>, mut device: Net
     // As many listening sockets as memory allows for worst-case clients.
     let heap_free = heap_stats().free;
     let reserve = 2 * settings.engine.max_memory + 32 * 1024 * 1024;
-    let per_conn = worst_case_per_connection(&limits);
+    let per_conn = worst_case_per_connection(&limits, &settings.engine);
     let fit = heap_free.saturating_sub(reserve) / per_conn;
     let max_clients = settings.max_clients.min(fit).max(1);
     if max_clients < settings.max_clients {
@@ -366,17 +369,13 @@ impl Server {
     fn service(&mut self, conn: &mut Conn, socket: &mut tcp::Socket, port: u16, now_ms: u64) {
         match socket.state() {
             State::Closed => {
-                if conn.open {
-                    conn.reset(self.limits);
-                }
+                self.close(conn);
                 // Back to listening for the next client.
                 let _ = socket.listen(port);
                 return;
             }
             State::Listen | State::SynReceived | State::SynSent | State::TimeWait => {
-                if conn.open {
-                    conn.reset(self.limits);
-                }
+                self.close(conn);
                 return;
             }
             _ if !conn.open => {
@@ -427,13 +426,17 @@ impl Server {
         }
     }
 
+    /// The connection ended: its slot waits for the next one, and the
+    /// engine forgets its transaction and watches.
+    fn close(&mut self, conn: &mut Conn) {
+        if conn.open {
+            self.engine.end_session(&mut conn.session);
+            conn.reset(self.limits);
+        }
+    }
+
     fn execute(&mut self, conn: &mut Conn, args: &[Vec<u8>], now_ms: u64) {
         self.commands += 1;
-        if let Some(reply) = self.refuse_large_reply(args, now_ms) {
-            conn.held.extend_from_slice(&reply);
-            conn.held_count += 1;
-            return;
-        }
         let exec = self.engine.execute(&mut conn.session, args, now_ms);
         if let Some(payload) = &exec.log {
             if let Some(log) = self.log.as_mut() {
@@ -456,24 +459,6 @@ impl Server {
         if exec.close {
             conn.closing = true;
         }
-    }
-
-    /// MGET is the only command whose reply can grow far beyond its request.
-    fn refuse_large_reply(&self, args: &[Vec<u8>], now_ms: u64) -> Option<Vec<u8>> {
-        if !args.first()?.eq_ignore_ascii_case(b"mget") {
-            return None;
-        }
-        let mut total = 0usize;
-        for key in &args[1..] {
-            let len = self.engine.peek(key, now_ms).map_or(5, |v| v.len() + 16);
-            total = total.saturating_add(len);
-        }
-        if total <= MAX_REPLY {
-            return None;
-        }
-        let mut r = Vec::new();
-        resp::push_error(&mut r, ERR_REPLY_TOO_LARGE);
-        Some(r)
     }
 
     /// A log write failed: nothing held may be acknowledged. Every held
@@ -502,6 +487,9 @@ impl Server {
         }
         engine.set_write_error(true);
         engine.set_log_budget(Some(0));
+        // The open connections' watches stay counted, and every pending
+        // EXEC with WATCH aborts: the keyspace changed under them.
+        engine.take_watches(&mut self.engine);
         self.engine = engine;
     }
 }

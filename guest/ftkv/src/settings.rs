@@ -80,6 +80,7 @@ impl Settings {
             format: cmdline::get("format").is_some(),
             engine: Config {
                 max_memory: max_memory as usize,
+                ..Config::default()
             },
         })
     }

@@ -1,9 +1,9 @@
 use super::{args, execute_resp2, Rng};
 use crate::aof::{
-    self, encode_header, parse_header, replay, AppendError, HeaderError, LogWriter, PendingWrite,
-    Replayer, TornReason, MAX_BATCH, SECTOR,
+    self, encode_header, parse_header, replay, upgrade_header, AppendError, HeaderError, LogWriter,
+    PendingWrite, RecordError, ReplayReport, Replayer, TornReason, MAX_BATCH, SECTOR,
 };
-use crate::engine::Engine;
+use crate::engine::{Engine, Session};
 
 type Snapshot = Vec<(Vec<u8>, Vec<u8>, Option<u64>)>;
 
@@ -54,6 +54,8 @@ fn random_write(rng: &mut Rng, now: u64) -> Vec<Vec<u8>> {
 struct Run {
     disk: Vec<u8>,
     engine: Engine,
+    /// The one connection commands run on.
+    session: Session,
     writer: LogWriter,
     now: u64,
 }
@@ -68,6 +70,7 @@ impl Run {
         Run {
             disk,
             engine,
+            session: Session::new(1),
             writer,
             now: 0,
         }
@@ -76,7 +79,7 @@ impl Run {
     /// Executes a command, appending its record (if any) to the batch.
     fn exec(&mut self, cmd: &[Vec<u8>]) -> bool {
         self.now += 7;
-        let exec = execute_resp2(&mut self.engine, cmd, self.now);
+        let exec = self.engine.execute(&mut self.session, cmd, self.now);
         match exec.log {
             Some(p) => {
                 self.writer.append(&p).unwrap();
@@ -91,6 +94,17 @@ impl Run {
             apply(&mut self.disk, &w);
         }
     }
+
+    /// Replays the disk into a fresh engine: a clean end where the writer
+    /// is, and the same keyspace as the run's.
+    fn check_replay(&self) -> ReplayReport {
+        let mut fresh = Engine::default();
+        let report = replay(&self.disk, &mut fresh).unwrap();
+        assert_eq!(report.torn, None);
+        assert_eq!(report.end, self.writer.end());
+        assert_eq!(snapshot(&fresh), snapshot(&self.engine));
+        report
+    }
 }
 
 #[test]
@@ -104,11 +118,7 @@ fn round_trip_through_the_log() {
         }
         run.flush();
     }
-    let mut fresh = Engine::default();
-    let report = replay(&run.disk, &mut fresh).unwrap();
-    assert_eq!(report.torn, None);
-    assert_eq!(report.end, run.writer.end());
-    assert_eq!(snapshot(&fresh), snapshot(&run.engine));
+    let report = run.check_replay();
     assert!(report.records > 200);
     // Replaying in small pieces gives the same.
     let mut fresh2 = Engine::default();
@@ -189,6 +199,17 @@ fn expected<'a>(states: &'a [(u64, Snapshot)], disk: &[u8], full: &[u8]) -> &'a 
     want
 }
 
+/// A crash while `batch` was being written over `before`: only its first
+/// `cut` bytes arrived. The disk, and what replay makes of it.
+fn crash_at(before: &[u8], batch: &PendingWrite, cut: usize) -> (Vec<u8>, Engine, ReplayReport) {
+    let mut disk = before.to_vec();
+    let off = batch.offset as usize;
+    disk[off..off + cut].copy_from_slice(&batch.data[..cut]);
+    let mut e = Engine::default();
+    let report = replay(&disk, &mut e).unwrap();
+    (disk, e, report)
+}
+
 #[test]
 fn torn_tail_at_every_cut_is_discarded_and_the_prefix_is_exact() {
     for (seed, big) in [(1, false), (2, true)] {
@@ -196,11 +217,7 @@ fn torn_tail_at_every_cut_is_discarded_and_the_prefix_is_exact() {
         let mut full = before.clone();
         apply(&mut full, &batch);
         for cut in 0..=batch.data.len() {
-            let mut disk = before.clone();
-            let off = batch.offset as usize;
-            disk[off..off + cut].copy_from_slice(&batch.data[..cut]);
-            let mut e = Engine::default();
-            let report = replay(&disk, &mut e).unwrap();
+            let (mut disk, e, report) = crash_at(&before, &batch, cut);
             let want = expected(&states, &disk, &full);
             assert_eq!(snapshot(&e), want.1, "seed {seed} cut {cut}");
             assert_eq!(report.end, want.0, "seed {seed} cut {cut}");
@@ -316,6 +333,20 @@ fn header_states() {
     let mut bad = h;
     bad[20] ^= 1;
     assert_eq!(parse_header(&bad), Err(HeaderError::BadChecksum));
+    // Versions 1 and 2 are read; others are refused.
+    for (version, ok) in [(0, false), (1, true), (2, true), (3, false)] {
+        let h = header_of_version(77, version);
+        match parse_header(&h) {
+            Ok(parsed) => {
+                assert!(ok, "version {version}");
+                assert_eq!(parsed.version, version);
+            }
+            Err(e) => {
+                assert!(!ok, "version {version}");
+                assert_eq!(e, HeaderError::BadVersion(version));
+            }
+        }
+    }
     assert!(LogWriter::format(0, 4096).is_none());
     assert!(LogWriter::format(1, 1000).is_none());
 }
@@ -385,10 +416,11 @@ fn random_payloads_never_panic_and_apply_all_or_nothing() {
         let len = rng.below(40) as usize;
         let mut p: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
         if let Some(op) = p.first_mut() {
-            *op = 1 + (*op % 5);
+            // Every op of the current version, and one unknown.
+            *op = 1 + (*op % 7);
         }
         let before = snapshot(&e);
-        if e.apply_record(&p).is_err() {
+        if e.apply_record(&p, aof::VERSION).is_err() {
             assert_eq!(snapshot(&e), before);
         }
         if rng.below(100) == 0 {
@@ -410,4 +442,225 @@ fn random_disk_bytes_never_panic_replay() {
         let r = replay(&disk, &mut e).unwrap();
         assert_eq!(r.records, 0);
     }
+}
+
+/// `encode_header` with another version number (and a valid checksum).
+fn header_of_version(generation: u64, version: u32) -> [u8; 512] {
+    let mut h = encode_header(generation);
+    h[8..12].copy_from_slice(&version.to_le_bytes());
+    let crc = crate::crc32::crc32(&h[0..24]);
+    h[24..28].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// A version 1 log, as written by ftkv before transactions (ftkv-core at
+/// commit 1c54d3f, two sectors): `SET a 1`, `SET gone x`, `MSET b 2 c 3`,
+/// `SET t ttl PXAT 4000000000000`, `INCR n`, `INCRBY n 41`, `DEL gone`,
+/// `EXPIRE a 1000000000` at time 1007 (logged as a SET), `SET p persisted
+/// EX 100`, `PERSIST p`, in three batches.
+const V1_LOG: &[u8] = include_bytes!("v1-log.bin");
+
+fn v1_disk(sectors: usize) -> Vec<u8> {
+    let mut disk = aof::blank_disk(sectors as u64);
+    disk[..V1_LOG.len()].copy_from_slice(V1_LOG);
+    disk
+}
+
+fn v1_state() -> Snapshot {
+    let entry =
+        |k: &str, v: &str, x: Option<u64>| (k.as_bytes().to_vec(), v.as_bytes().to_vec(), x);
+    vec![
+        entry("a", "1", Some(1_000_000_001_007)),
+        entry("b", "2", None),
+        entry("c", "3", None),
+        entry("n", "42", None),
+        entry("p", "persisted", None),
+        entry("t", "ttl", Some(4_000_000_000_000)),
+    ]
+}
+
+#[test]
+fn a_version_1_log_is_read_upgraded_and_extended() {
+    let mut disk = v1_disk(64);
+    let header = parse_header(&disk).unwrap();
+    assert_eq!(header.version, 1);
+    let mut engine = Engine::default();
+    let report = replay(&disk, &mut engine).unwrap();
+    assert_eq!(report.version, 1);
+    assert_eq!(report.records, 10);
+    assert_eq!(report.torn, None);
+    assert_eq!(snapshot(&engine), v1_state());
+
+    // Boot: the header becomes version 2 (same generation), then appending
+    // resumes with records only version 2 has.
+    let upgraded = upgrade_header(&report).unwrap();
+    assert_eq!(
+        parse_header(&upgraded).unwrap(),
+        aof::LogHeader {
+            generation: header.generation,
+            version: aof::VERSION
+        }
+    );
+    disk[..512].copy_from_slice(&upgraded);
+    let mut writer = LogWriter::resume(&report);
+    engine.set_log_budget(Some(writer.remaining()));
+    let mut session = Session::new(1);
+    for words in [
+        &["MULTI"][..],
+        &["SET", "a", "2"],
+        &["INCR", "n"],
+        &["DEL", "b"],
+        &["EXPIRE", "c", "50"],
+        &["EXEC"],
+        &["PERSIST", "t"],
+    ] {
+        let exec = engine.execute(&mut session, &args(words), 2_000);
+        if let Some(p) = exec.log {
+            writer.append(&p).unwrap();
+        }
+    }
+    apply(&mut disk, &writer.take_pending().unwrap());
+    let mut again = Engine::default();
+    let report = replay(&disk, &mut again).unwrap();
+    assert_eq!((report.version, report.records, report.torn), (2, 12, None));
+    assert_eq!(snapshot(&again), snapshot(&engine));
+    assert_eq!(again.peek(b"n", 2_000), Some(&b"43"[..]));
+    assert_eq!(again.peek(b"c", 52_000), Some(&b"3"[..]));
+    assert_eq!(again.peek(b"c", 52_001), None);
+    assert_eq!(upgrade_header(&report), None);
+
+    // Without the upgrade, the version 1 header says those records cannot
+    // be there: replay stops at the first, as at any invalid record.
+    disk[..512].copy_from_slice(V1_LOG.get(..512).unwrap());
+    let mut old = Engine::default();
+    let report = replay(&disk, &mut old).unwrap();
+    assert_eq!(report.records, 10);
+    assert_eq!(
+        report.torn.map(|t| t.reason),
+        Some(TornReason::BadRecord(RecordError::UnknownOp(5)))
+    );
+    assert_eq!(snapshot(&old), v1_state());
+}
+
+/// Transaction payloads that must not decode, and a valid one.
+#[test]
+fn transaction_records_decode_whole_or_not_at_all() {
+    let mut e = Engine::default();
+    let mut s = Session::new(1);
+    for words in [&["MULTI"][..], &["SET", "x", "1"], &["SET", "y", "2"]] {
+        e.execute(&mut s, &args(words), 0);
+    }
+    let good = e.execute(&mut s, &args(&["EXEC"]), 0).log.unwrap();
+    assert_eq!(good[0], 5);
+    let mut fresh = Engine::default();
+    fresh.apply_record(&good, aof::VERSION).unwrap();
+    assert_eq!(snapshot(&fresh), snapshot(&e));
+    // Not in a version 1 log.
+    assert_eq!(
+        Engine::default().apply_record(&good, 1),
+        Err(RecordError::UnknownOp(5))
+    );
+    let nested = {
+        let mut p = vec![5, 1, 0, 0, 0];
+        p.extend_from_slice(&(good.len() as u32).to_le_bytes());
+        p.extend_from_slice(&good);
+        p
+    };
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut short_count = good.clone();
+    short_count[1] = 3;
+    // The second change's last byte is cut off: the first must not apply.
+    let mut cut = good.clone();
+    cut.pop();
+    let mut bad_second = good.clone();
+    let last_op = good.len() - 12;
+    bad_second[last_op] = 9;
+    for (payload, error) in [
+        (&[5u8, 0, 0, 0, 0][..], RecordError::EmptyTransaction),
+        (&nested, RecordError::NestedTransaction),
+        (&trailing, RecordError::TrailingBytes),
+        (&short_count, RecordError::Truncated),
+        (&cut, RecordError::Truncated),
+        (&bad_second, RecordError::UnknownOp(9)),
+        (&[5u8, 0xff, 0xff, 0xff, 0xff][..], RecordError::Truncated),
+    ] {
+        let mut target = Engine::default();
+        assert_eq!(
+            target.apply_record(payload, aof::VERSION),
+            Err(error),
+            "{payload:?}"
+        );
+        assert_eq!(target.entries().count(), 0, "{payload:?}");
+    }
+}
+
+/// A transaction of `keys` SETs of `size`-byte values.
+fn transaction(run: &mut Run, tag: &str, keys: usize, size: usize) {
+    let value = tag.repeat(size);
+    assert!(!run.exec(&args(&["MULTI"])));
+    for k in 0..keys {
+        assert!(!run.exec(&args(&["SET", &format!("{tag}{k}"), &value])));
+    }
+    assert!(run.exec(&args(&["EXEC"])));
+}
+
+#[test]
+fn a_torn_transaction_is_all_or_nothing() {
+    let mut run = Run::new(128, 0xaced);
+    transaction(&mut run, "a", 3, 10);
+    run.flush();
+    let before = run.disk.clone();
+    let states = vec![(run.writer.end(), snapshot(&run.engine))];
+    // One record over several sectors, then another after it.
+    transaction(&mut run, "b", 5, 700);
+    let mut states = states;
+    states.push((run.writer.end(), snapshot(&run.engine)));
+    transaction(&mut run, "c", 2, 100);
+    states.push((run.writer.end(), snapshot(&run.engine)));
+    let batch = run.writer.take_pending().unwrap();
+    let mut full = before.clone();
+    apply(&mut full, &batch);
+    for cut in 0..=batch.data.len() {
+        let (disk, e, report) = crash_at(&before, &batch, cut);
+        let want = expected(&states, &disk, &full);
+        assert_eq!(report.end, want.0, "cut {cut}");
+        assert_eq!(snapshot(&e), want.1, "cut {cut}");
+        // Each transaction's keys are all there or none.
+        for (tag, n) in [("b", 5), ("c", 2)] {
+            let present = (0..n)
+                .filter(|k| e.peek(format!("{tag}{k}").as_bytes(), 0).is_some())
+                .count();
+            assert!(
+                present == 0 || present == n,
+                "cut {cut}: {present} of {tag}"
+            );
+        }
+    }
+}
+
+#[test]
+fn random_transactions_round_trip_through_the_log() {
+    let mut run = Run::new(4096, 0x7777);
+    let mut rng = Rng(17);
+    for round in 0..300 {
+        let in_multi = rng.below(2) == 0;
+        if in_multi {
+            run.exec(&args(&["MULTI"]));
+        }
+        for _ in 0..1 + rng.below(6) {
+            let cmd = random_write(&mut rng, run.now);
+            run.exec(&cmd);
+        }
+        if in_multi {
+            let end = if rng.below(5) == 0 { "DISCARD" } else { "EXEC" };
+            run.exec(&args(&[end]));
+        }
+        if round % 3 == 0 {
+            run.flush();
+        }
+    }
+    run.flush();
+    run.check_replay();
+    assert_eq!(run.engine.log_budget(), Some(run.writer.remaining()));
 }

@@ -343,7 +343,7 @@ fn client_compat_stubs() {
     );
     check(&mut e, &["COMMAND"], 0, "*0\r\n");
     check(&mut e, &["COMMAND", "DOCS"], 0, "*0\r\n");
-    check(&mut e, &["COMMAND", "COUNT"], 0, ":30\r\n");
+    check(&mut e, &["COMMAND", "COUNT"], 0, ":35\r\n");
     check(
         &mut e,
         &["COMMAND", "INFO", "get", "x"],
@@ -441,7 +441,10 @@ fn writes_log_reads_do_not() {
 
 #[test]
 fn out_of_memory_and_disk_full_refuse_without_changing_state() {
-    let mut e = Engine::new(Config { max_memory: 1000 });
+    let mut e = Engine::new(Config {
+        max_memory: 1000,
+        ..Config::default()
+    });
     check(&mut e, &["SET", "a", &"x".repeat(500)], 0, "+OK\r\n");
     check(
         &mut e,
@@ -511,6 +514,7 @@ fn parser_and_engine_survive_random_commands() {
     let mut rng = Rng(42);
     let mut e = Engine::new(Config {
         max_memory: 100_000,
+        ..Config::default()
     });
     e.set_log_budget(Some(50_000));
     for i in 0..100_000u64 {

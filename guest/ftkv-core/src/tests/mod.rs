@@ -3,6 +3,7 @@
 mod aof;
 mod engine;
 mod protocol;
+mod transaction;
 
 /// A small deterministic PRNG (xorshift64*), so failures reproduce.
 pub(crate) struct Rng(pub u64);

@@ -321,7 +321,7 @@ fn expire_is_logged_as_the_new_state_and_replays() {
     ] {
         let exec = live.engine.execute(&mut live.session, &args(cmd), 1000);
         if let Some(record) = exec.log {
-            replica.apply_record(&record).unwrap();
+            replica.apply_record(&record, crate::aof::VERSION).unwrap();
         }
     }
     let dump = |e: &Engine| {
