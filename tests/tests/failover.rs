@@ -105,18 +105,26 @@ fn drill(lab: &Lab, scenario: &str, repeat: u32, seed: u64) -> Vec<serde_json::V
     all
 }
 
+/// Runs `scenario` in a fresh lab with `witness`, unless the lab cannot
+/// run here.
+fn in_lab(test: &str, witness: Witness, scenario: fn(&Lab)) {
+    if ready(test, witness) {
+        scenario(&Lab::up_with(0, witness).unwrap());
+    }
+}
+
 /// Each scenario below runs twice: `$ftvm` with `ftvm-witness`, `$etcd`
 /// with the etcd witness.
 macro_rules! with_each_witness {
     ($scenario:ident: $ftvm:ident, $etcd:ident) => {
         #[test]
         fn $ftvm() {
-            $scenario(stringify!($ftvm), Witness::Ftvm);
+            in_lab(stringify!($ftvm), Witness::Ftvm, $scenario);
         }
 
         #[test]
         fn $etcd() {
-            $scenario(stringify!($etcd), Witness::Etcd);
+            in_lab(stringify!($etcd), Witness::Etcd, $scenario);
         }
     };
 }
@@ -124,12 +132,8 @@ macro_rules! with_each_witness {
 /// The second iteration starts a fresh pair from the new primary's disk
 /// (with etcd: the lab's reset deletes the epoch key, so the pair starts
 /// at epoch 0 again).
-fn kill_primary(test: &str, witness: Witness) {
-    if !ready(test, witness) {
-        return;
-    }
-    let lab = Lab::up_with(0, witness).unwrap();
-    let all = drill(&lab, "kill-primary", 2, 11);
+fn kill_primary(lab: &Lab) {
+    let all = drill(lab, "kill-primary", 2, 11);
     for it in &all {
         assert_eq!(it["live_after"], it["expected_live_after"], "{it}");
         assert_ne!(it["live_after"], it["primary_before"], "{it}");
@@ -137,25 +141,21 @@ fn kill_primary(test: &str, witness: Witness) {
         let f = &it["failover"];
         assert!(f["live_at_exit"].is_number(), "{it}");
     }
-    assert_etcd_holder(&lab, &all[1]);
+    assert_etcd_holder(lab, &all[1]);
 }
 
 with_each_witness!(kill_primary:
     kill_primary_twice_loses_nothing_and_the_old_primary_stays_fenced,
     etcd_witness_kill_primary_twice_loses_nothing_and_the_old_primary_stays_fenced);
 
-fn kill_backup(test: &str, witness: Witness) {
-    if !ready(test, witness) {
-        return;
-    }
-    let lab = Lab::up_with(0, witness).unwrap();
-    let it = &drill(&lab, "kill-backup", 1, 12)[0];
+fn kill_backup(lab: &Lab) {
+    let it = &drill(lab, "kill-backup", 1, 12)[0];
     assert_eq!(it["live_after"], it["primary_before"], "{it}");
     assert_eq!(it["restarted_node_fenced"], true, "{it}");
     let a = lab.status(Site::A).unwrap();
     assert_eq!(a["role"], "solo", "{a}");
     assert_eq!(a["held_outputs"]["frames"], 0, "{a}");
-    assert_etcd_holder(&lab, it);
+    assert_etcd_holder(lab, it);
 }
 
 with_each_witness!(kill_backup:
@@ -164,16 +164,12 @@ with_each_witness!(kill_backup:
 
 /// With etcd, cutting the sites also cuts etcd-a from etcd-b: the members
 /// keep a majority through etcd-w.
-fn partition_sites(test: &str, witness: Witness) {
-    if !ready(test, witness) {
-        return;
-    }
-    let lab = Lab::up_with(0, witness).unwrap();
-    let it = &drill(&lab, "partition-sites", 1, 13)[0];
+fn partition_sites(lab: &Lab) {
+    let it = &drill(lab, "partition-sites", 1, 13)[0];
     let live = it["live_after"].as_str().unwrap();
     let other = if live == "a" { Site::B } else { Site::A };
     assert_eq!(lab.status(other).unwrap()["role"], "fenced", "{it}");
-    assert_etcd_holder(&lab, it);
+    assert_etcd_holder(lab, it);
 }
 
 with_each_witness!(partition_sites:
@@ -182,15 +178,11 @@ with_each_witness!(partition_sites:
 
 /// With etcd, site A's cut leaves etcd-a a minority of one: node-a gets no
 /// answer; node-b claims through etcd-b and etcd-w.
-fn isolate_primary(test: &str, witness: Witness) {
-    if !ready(test, witness) {
-        return;
-    }
-    let lab = Lab::up_with(0, witness).unwrap();
-    let it = &drill(&lab, "isolate-primary", 1, 14)[0];
+fn isolate_primary(lab: &Lab) {
+    let it = &drill(lab, "isolate-primary", 1, 14)[0];
     assert_eq!(it["live_after"], "b", "{it}");
     assert_eq!(lab.status(Site::A).unwrap()["role"], "fenced", "{it}");
-    assert_etcd_holder(&lab, it);
+    assert_etcd_holder(lab, it);
 }
 
 with_each_witness!(isolate_primary:
@@ -199,14 +191,10 @@ with_each_witness!(isolate_primary:
 
 /// With etcd the drill's witness is etcd-w: with it down and the sites cut,
 /// etcd-a and etcd-b are each a minority of one, so nobody may go live.
-fn witness_down(test: &str, witness: Witness) {
-    if !ready(test, witness) {
-        return;
-    }
-    let lab = Lab::up_with(0, witness).unwrap();
-    let it = &drill(&lab, "partition-and-witness-down", 1, 15)[0];
+fn witness_down(lab: &Lab) {
+    let it = &drill(lab, "partition-and-witness-down", 1, 15)[0];
     assert_eq!(it["nobody_live_while_witness_down"], true, "{it}");
-    assert_etcd_holder(&lab, it);
+    assert_etcd_holder(lab, it);
 }
 
 with_each_witness!(witness_down:
@@ -215,14 +203,10 @@ with_each_witness!(witness_down:
 
 /// With etcd the drill's witness is etcd-w, one member of three: the pair
 /// runs on, and nothing is claimed.
-fn dead_witness_and_hiccup(test: &str, witness: Witness) {
-    if !ready(test, witness) {
-        return;
-    }
-    let lab = Lab::up_with(0, witness).unwrap();
+fn dead_witness_and_hiccup(lab: &Lab) {
     let mut last = serde_json::Value::Null;
     for scenario in ["kill-witness", "hiccup"] {
-        let it = drill(&lab, scenario, 1, 16).remove(0);
+        let it = drill(lab, scenario, 1, 16).remove(0);
         assert_eq!(it["live_after"], it["primary_before"], "{scenario}: {it}");
         assert!(
             it["failover"].is_null(),
@@ -237,7 +221,7 @@ fn dead_witness_and_hiccup(test: &str, witness: Witness) {
         (Some("primary"), Some("backup"))
     );
     assert_eq!(a["epoch"], 1, "no epoch was claimed: {a}");
-    assert_etcd_holder(&lab, &last);
+    assert_etcd_holder(lab, &last);
 }
 
 with_each_witness!(dead_witness_and_hiccup:
