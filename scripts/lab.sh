@@ -141,7 +141,8 @@ start_member() { # start_member a|b|w: starts that site's member unless it runs
 }
 
 etcd_wait() { # waits (at most 120 s) until every member answers a linearizable read
-  for _ in $(seq 240); do
+  local until=$((SECONDS + 120))
+  while [ "$SECONDS" -lt "$until" ]; do
     etcdctl_lab endpoint health >/dev/null 2>&1 && return 0
     sleep 0.5
   done
