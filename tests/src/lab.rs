@@ -1,9 +1,10 @@
 //! The three-site lab (`scripts/lab.sh`) for end-to-end tests: namespaces
 //! for site A, site B, the witness and a client, the WAN relay between
 //! them, the lab configs, and helpers to start the witness and the nodes,
-//! read their status and drive the relay. Every lab has its own prefix and
-//! directory, so tests run side by side; dropping it kills its processes
-//! and removes its namespaces.
+//! read their status and drive the relay. The witness is `ftvm-witness` or
+//! a three-member etcd cluster, one member per site ([`Witness`]). Every lab
+//! has its own prefix and directory, so tests run side by side; dropping it
+//! kills its processes and removes its namespaces.
 
 use crate::site::{Guard, GUEST_IP};
 use anyhow::{bail, Context, Result};
@@ -26,6 +27,34 @@ pub const TEST_FAILURE_TIMEOUT_MS: u64 = 4000;
 /// Hang guard for waits in tests: generous, so a busy machine never trips
 /// it; it only catches a test that would otherwise wait forever.
 pub const HANG: Duration = Duration::from_secs(120);
+
+/// What breaks the pair's ties (`scripts/lab.sh up --witness`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Witness {
+    /// One `ftvm-witness` process on the witness site.
+    Ftvm,
+    /// Three etcd members, one on each site (etcd-a, etcd-b, etcd-w).
+    Etcd,
+}
+
+impl Witness {
+    fn arg(self) -> &'static str {
+        match self {
+            Witness::Ftvm => "ftvm",
+            Witness::Etcd => "etcd",
+        }
+    }
+
+    /// Why a lab with this witness cannot run here, beyond what every lab
+    /// needs (root, KVM, redis-cli), if it cannot.
+    pub fn missing(self) -> Option<String> {
+        match self {
+            Witness::Ftvm => None,
+            Witness::Etcd => crate::etcd_lab::missing()
+                .or_else(|| crate::site::tool_missing("etcdctl", "etcd-client")),
+        }
+    }
+}
 
 /// One of the lab's sites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +84,7 @@ impl Site {
 pub struct Lab {
     pub prefix: String,
     pub dir: PathBuf,
+    pub witness_kind: Witness,
     _tmp: Option<tempfile::TempDir>,
     pub witness: Option<Guard>,
     pub nodes: [Option<Guard>; 2],
@@ -86,8 +116,15 @@ fn checked(mut cmd: Command) -> Result<Output> {
 
 impl Lab {
     /// Builds a lab in a fresh temporary directory with `delay_ms` one-way
-    /// delay on every relay route.
+    /// delay on every relay route and an `ftvm-witness` witness.
     pub fn up(delay_ms: u64) -> Result<Lab> {
+        Lab::up_with(delay_ms, Witness::Ftvm)
+    }
+
+    /// [`Lab::up`] with the witness `witness` (an etcd cluster is started
+    /// and answering when this returns; `ftvm-witness` is started by
+    /// [`Lab::start_witness`] or a drill).
+    pub fn up_with(delay_ms: u64, witness: Witness) -> Result<Lab> {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("lab");
@@ -99,12 +136,19 @@ impl Lab {
         let lab = Lab {
             prefix,
             dir,
+            witness_kind: witness,
             _tmp: Some(tmp),
             witness: None,
             nodes: [None, None],
             _turn: turn,
         };
-        lab.script(&["up", "--delay-ms", &delay_ms.to_string()])?;
+        lab.script(&[
+            "up",
+            "--delay-ms",
+            &delay_ms.to_string(),
+            "--witness",
+            witness.arg(),
+        ])?;
         let t = TEST_FAILURE_TIMEOUT_MS.to_string();
         for s in [Site::A, Site::B] {
             lab.set_ft(s, "failure_timeout_ms", &t)?;
@@ -201,7 +245,12 @@ impl Lab {
         Guard::spawn(&mut c)
     }
 
+    /// Starts `ftvm-witness` and waits until it listens; with an etcd
+    /// witness, starts the witness site's member (etcd-w) unless it runs.
     pub fn start_witness(&mut self) -> Result<()> {
+        if self.witness_kind == Witness::Etcd {
+            return self.script(&["start", "witness"]).map(drop);
+        }
         let cfg = self.dir.join("witness.toml");
         let g = self.spawn_logged(
             "w",
@@ -317,17 +366,23 @@ impl Lab {
         )
     }
 
+    /// `etcdctl ARGS` as the lab's operator (etcd witness only); its stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["etcdctl", "--"];
+        full.extend_from_slice(args);
+        let out = self.script(&full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The tails of every process's logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for name in [
-            "witness.out",
-            "witness.err",
-            "node-a.out",
-            "node-a.err",
-            "node-b.out",
-            "node-b.err",
-        ] {
+        let witness: &[&str] = match self.witness_kind {
+            Witness::Ftvm => &["witness.out", "witness.err"],
+            Witness::Etcd => &["etcd-a.log", "etcd-b.log", "etcd-w.log"],
+        };
+        let nodes = ["node-a.out", "node-a.err", "node-b.out", "node-b.err"];
+        for name in witness.iter().chain(&nodes) {
             let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(25)..];

@@ -1,17 +1,55 @@
 //! Failover in the three-site lab: each test runs `ftvm drill` (the real
 //! binary: real Redis clients on long-lived connections, a real witness,
 //! real QUIC, the fault injected through the lab's relay and processes)
-//! and checks its report. These are CI's short sample; the 20-kill runs are
-//! `bench failover` (docs/BENCHMARKS.md).
+//! and checks its report. Each scenario runs with `ftvm-witness` and, as
+//! its twin, with a three-member etcd cluster as the witness (one member
+//! per site: `scripts/lab.sh up --witness etcd`). These are CI's short
+//! sample; the 20-kill runs are `bench failover` (docs/BENCHMARKS.md).
 
-use ftvm_tests::lab::{Lab, Site};
+use ftvm_tests::lab::{wait_until, Lab, Site, Witness};
 use ftvm_tests::site;
+use ftvm_witness::etcd::EpochRecord;
 use std::process::Command;
 
-fn ready(test: &str) -> bool {
+fn ready(test: &str, witness: Witness) -> bool {
     ftvm_tests::kvm_available(test)
         && site::root_available(test)
         && site::tool_available(test, "redis-cli", "redis-tools")
+        && witness
+            .missing()
+            .is_none_or(|why| ftvm_tests::skip(test, &why))
+}
+
+/// With an etcd witness: the cluster's record in etcd names the node live
+/// after drill iteration `it` as the holder of the epoch it runs in (its
+/// grant came from etcd).
+fn assert_etcd_holder(lab: &Lab, it: &serde_json::Value) {
+    if lab.witness_kind != Witness::Etcd {
+        return;
+    }
+    let live = match it["live_after"].as_str() {
+        Some("a") => Site::A,
+        Some("b") => Site::B,
+        other => panic!("live_after is {other:?}: {it}"),
+    };
+    let status = lab.status(live).unwrap();
+    // A member that has just rejoined may not know the leader yet: ask again.
+    let mut value = String::new();
+    wait_until("etcd to answer a read of the epoch key", || {
+        value = lab.etcdctl(&["get", "/ftvm/witness/lab/epoch", "--print-value-only"])?;
+        Ok(true)
+    })
+    .unwrap();
+    let record = EpochRecord::decode(value.trim().as_bytes())
+        .unwrap_or_else(|| panic!("the epoch key holds {value:?}"));
+    assert_eq!(
+        (Some(record.epoch), record.holder.as_str()),
+        (
+            status["epoch"].as_u64(),
+            format!("node-{}", live.letter()).as_str()
+        ),
+        "etcd's record vs the live node's status {status}"
+    );
 }
 
 /// Runs a drill against `lab`; returns each iteration's report.
@@ -67,81 +105,114 @@ fn drill(lab: &Lab, scenario: &str, repeat: u32, seed: u64) -> Vec<serde_json::V
     all
 }
 
-#[test]
-fn kill_primary_twice_loses_nothing_and_the_old_primary_stays_fenced() {
-    if !ready("kill_primary_twice_loses_nothing_and_the_old_primary_stays_fenced") {
-        return;
+/// Runs `scenario` in a fresh lab with `witness`, unless the lab cannot
+/// run here.
+fn in_lab(test: &str, witness: Witness, scenario: fn(&Lab)) {
+    if ready(test, witness) {
+        scenario(&Lab::up_with(0, witness).unwrap());
     }
-    let lab = Lab::up(0).unwrap();
-    for it in drill(&lab, "kill-primary", 2, 11) {
+}
+
+/// Each scenario below runs twice: `$ftvm` with `ftvm-witness`, `$etcd`
+/// with the etcd witness.
+macro_rules! with_each_witness {
+    ($scenario:ident: $ftvm:ident, $etcd:ident) => {
+        #[test]
+        fn $ftvm() {
+            in_lab(stringify!($ftvm), Witness::Ftvm, $scenario);
+        }
+
+        #[test]
+        fn $etcd() {
+            in_lab(stringify!($etcd), Witness::Etcd, $scenario);
+        }
+    };
+}
+
+/// The second iteration starts a fresh pair from the new primary's disk
+/// (with etcd: the lab's reset deletes the epoch key, so the pair starts
+/// at epoch 0 again).
+fn kill_primary(lab: &Lab) {
+    let all = drill(lab, "kill-primary", 2, 11);
+    for it in &all {
         assert_eq!(it["live_after"], it["expected_live_after"], "{it}");
         assert_ne!(it["live_after"], it["primary_before"], "{it}");
         assert_eq!(it["restarted_node_fenced"], true, "{it}");
         let f = &it["failover"];
         assert!(f["live_at_exit"].is_number(), "{it}");
     }
+    assert_etcd_holder(lab, &all[1]);
 }
 
-#[test]
-fn a_killed_backup_lets_the_primary_go_solo_and_release_its_replies() {
-    if !ready("a_killed_backup_lets_the_primary_go_solo_and_release_its_replies") {
-        return;
-    }
-    let lab = Lab::up(0).unwrap();
-    let it = &drill(&lab, "kill-backup", 1, 12)[0];
+with_each_witness!(kill_primary:
+    kill_primary_twice_loses_nothing_and_the_old_primary_stays_fenced,
+    etcd_witness_kill_primary_twice_loses_nothing_and_the_old_primary_stays_fenced);
+
+fn kill_backup(lab: &Lab) {
+    let it = &drill(lab, "kill-backup", 1, 12)[0];
     assert_eq!(it["live_after"], it["primary_before"], "{it}");
     assert_eq!(it["restarted_node_fenced"], true, "{it}");
     let a = lab.status(Site::A).unwrap();
     assert_eq!(a["role"], "solo", "{a}");
     assert_eq!(a["held_outputs"]["frames"], 0, "{a}");
+    assert_etcd_holder(lab, it);
 }
 
-#[test]
-fn partitioned_sites_end_with_exactly_one_live_and_the_other_fenced() {
-    if !ready("partitioned_sites_end_with_exactly_one_live_and_the_other_fenced") {
-        return;
-    }
-    let lab = Lab::up(0).unwrap();
-    let it = &drill(&lab, "partition-sites", 1, 13)[0];
+with_each_witness!(kill_backup:
+    a_killed_backup_lets_the_primary_go_solo_and_release_its_replies,
+    etcd_witness_a_killed_backup_lets_the_primary_go_solo_and_release_its_replies);
+
+/// With etcd, cutting the sites also cuts etcd-a from etcd-b: the members
+/// keep a majority through etcd-w.
+fn partition_sites(lab: &Lab) {
+    let it = &drill(lab, "partition-sites", 1, 13)[0];
     let live = it["live_after"].as_str().unwrap();
     let other = if live == "a" { Site::B } else { Site::A };
     assert_eq!(lab.status(other).unwrap()["role"], "fenced", "{it}");
+    assert_etcd_holder(lab, it);
 }
 
-#[test]
-fn a_primary_cut_from_backup_and_witness_never_serves_and_is_fenced() {
-    if !ready("a_primary_cut_from_backup_and_witness_never_serves_and_is_fenced") {
-        return;
-    }
-    let lab = Lab::up(0).unwrap();
-    let it = &drill(&lab, "isolate-primary", 1, 14)[0];
+with_each_witness!(partition_sites:
+    partitioned_sites_end_with_exactly_one_live_and_the_other_fenced,
+    etcd_witness_partitioned_sites_end_with_exactly_one_live_and_the_other_fenced);
+
+/// With etcd, site A's cut leaves etcd-a a minority of one: node-a gets no
+/// answer; node-b claims through etcd-b and etcd-w.
+fn isolate_primary(lab: &Lab) {
+    let it = &drill(lab, "isolate-primary", 1, 14)[0];
     assert_eq!(it["live_after"], "b", "{it}");
     assert_eq!(lab.status(Site::A).unwrap()["role"], "fenced", "{it}");
+    assert_etcd_holder(lab, it);
 }
 
-#[test]
-fn without_the_witness_nobody_goes_live_until_it_returns() {
-    if !ready("without_the_witness_nobody_goes_live_until_it_returns") {
-        return;
-    }
-    let lab = Lab::up(0).unwrap();
-    let it = &drill(&lab, "partition-and-witness-down", 1, 15)[0];
+with_each_witness!(isolate_primary:
+    a_primary_cut_from_backup_and_witness_never_serves_and_is_fenced,
+    etcd_witness_a_primary_cut_from_backup_and_witness_never_serves_and_is_fenced);
+
+/// With etcd the drill's witness is etcd-w: with it down and the sites cut,
+/// etcd-a and etcd-b are each a minority of one, so nobody may go live.
+fn witness_down(lab: &Lab) {
+    let it = &drill(lab, "partition-and-witness-down", 1, 15)[0];
     assert_eq!(it["nobody_live_while_witness_down"], true, "{it}");
+    assert_etcd_holder(lab, it);
 }
 
-#[test]
-fn a_dead_witness_and_a_short_hiccup_change_nothing() {
-    if !ready("a_dead_witness_and_a_short_hiccup_change_nothing") {
-        return;
-    }
-    let lab = Lab::up(0).unwrap();
+with_each_witness!(witness_down:
+    without_the_witness_nobody_goes_live_until_it_returns,
+    etcd_witness_without_a_majority_nobody_goes_live_until_a_member_returns);
+
+/// With etcd the drill's witness is etcd-w, one member of three: the pair
+/// runs on, and nothing is claimed.
+fn dead_witness_and_hiccup(lab: &Lab) {
+    let mut last = serde_json::Value::Null;
     for scenario in ["kill-witness", "hiccup"] {
-        let it = &drill(&lab, scenario, 1, 16)[0];
+        let it = drill(lab, scenario, 1, 16).remove(0);
         assert_eq!(it["live_after"], it["primary_before"], "{scenario}: {it}");
         assert!(
             it["failover"].is_null(),
             "{scenario}: a failover happened: {it}"
         );
+        last = it;
     }
     let a = lab.status(Site::A).unwrap();
     let b = lab.status(Site::B).unwrap();
@@ -150,4 +221,9 @@ fn a_dead_witness_and_a_short_hiccup_change_nothing() {
         (Some("primary"), Some("backup"))
     );
     assert_eq!(a["epoch"], 1, "no epoch was claimed: {a}");
+    assert_etcd_holder(lab, &last);
 }
+
+with_each_witness!(dead_witness_and_hiccup:
+    a_dead_witness_and_a_short_hiccup_change_nothing,
+    etcd_witness_a_dead_member_and_a_short_hiccup_change_nothing);
