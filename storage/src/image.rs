@@ -2,10 +2,50 @@
 
 use crate::merkle::{chunk_count, leaf_hash, ChunkHashes, Hash32, MerkleTree};
 use crate::{check_chunk_size, StorageError};
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Chunks written since tracking started: what a disk resync must send
+/// again because it changed while the copy ran. Shared between the image's
+/// owner (which writes) and the resync (which takes the set).
+#[derive(Debug, Default)]
+pub struct WrittenChunks {
+    set: Mutex<Option<BTreeSet<u64>>>,
+}
+
+impl WrittenChunks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<BTreeSet<u64>>> {
+        self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts (or restarts) tracking, from nothing.
+    pub fn start(&self) {
+        *self.lock() = Some(BTreeSet::new());
+    }
+
+    /// The chunks written since the last call (or since `start`).
+    pub fn take(&self) -> Vec<u64> {
+        let mut g = self.lock();
+        match g.as_mut() {
+            Some(set) => std::mem::take(set).into_iter().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    pub fn stop(&self) {
+        *self.lock() = None;
+    }
+
+    fn note(&self, chunks: std::ops::Range<u64>) {
+        if let Some(set) = self.lock().as_mut() {
+            set.extend(chunks);
+        }
+    }
+}
 
 /// Bytes read per batch while hashing a whole image.
 const HASH_BATCH: u64 = 4 * 1024 * 1024;
@@ -28,9 +68,15 @@ pub struct DiskImage {
     /// not be re-read: every later call fails until the image is reopened.
     poisoned: bool,
     tree: MerkleTree,
+    written: Arc<WrittenChunks>,
 }
 
 impl DiskImage {
+    /// The set of chunks written while tracking is on (off until started).
+    pub fn written_chunks(&self) -> Arc<WrittenChunks> {
+        self.written.clone()
+    }
+
     /// Creates a new zero-filled image of `size_bytes` (sparse where the file
     /// system allows: blocks are allocated as they are written, so a full
     /// file system shows up as a failed [`DiskImage::write_at`] or
@@ -70,6 +116,7 @@ impl DiskImage {
             writable: true,
             poisoned: false,
             tree: MerkleTree::new(ChunkHashes::new(size_bytes, chunk_size, leaves)?),
+            written: Arc::default(),
         })
     }
 
@@ -113,6 +160,7 @@ impl DiskImage {
             writable,
             poisoned: false,
             tree: MerkleTree::new(ChunkHashes::new(size, chunk_size, leaves)?),
+            written: Arc::default(),
         })
     }
 
@@ -181,6 +229,8 @@ impl DiskImage {
         let cs = self.chunk_size();
         let end = offset + data.len() as u64;
         let chunks = offset / cs..end.div_ceil(cs);
+        // Tracked whatever the outcome: a failed write may have changed them.
+        self.written.note(chunks.clone());
         match written {
             Ok(()) => {
                 for index in chunks {

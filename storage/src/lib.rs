@@ -17,7 +17,7 @@ mod image;
 pub mod merkle;
 
 pub use cli::{parse_size, run_disk, DiskCommand, DiskCommandOutcome};
-pub use image::DiskImage;
+pub use image::{DiskImage, WrittenChunks};
 pub use merkle::{diff, ChunkHashes, Hash32};
 
 use std::io;

@@ -143,6 +143,25 @@ impl ChunkHashes {
         start..end
     }
 
+    /// One hash per group of `group` consecutive leaves (the last group may
+    /// be shorter): comparing these first finds which groups differ, so a
+    /// resync sends leaves only for those (a few round trips, whatever the
+    /// disk's size).
+    pub fn group_hashes(&self, group: u64) -> Vec<Hash32> {
+        let group = group.max(1) as usize;
+        self.leaves
+            .chunks(group)
+            .map(|g| {
+                let mut h = blake3::Hasher::new();
+                h.update(b"ftvm-chunk-group-v1");
+                for leaf in g {
+                    h.update(leaf);
+                }
+                *h.finalize().as_bytes()
+            })
+            .collect()
+    }
+
     /// The Merkle root computed from scratch from the leaves (O(n)).
     /// [`crate::DiskImage::merkle_root`] keeps the same value up to date
     /// incrementally.

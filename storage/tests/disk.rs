@@ -205,3 +205,35 @@ fn hashing_on_open_is_fast() {
     assert_eq!(disk.merkle_root(), root);
     assert!(secs < 30.0, "open took {secs} s");
 }
+
+#[test]
+fn written_chunks_are_tracked_only_while_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = ftvm_storage::DiskImage::create(dir.path().join("d.img"), 1 << 20, 4096).unwrap();
+    let w = d.written_chunks();
+    d.write_at(0, &[1; 10]).unwrap();
+    assert!(w.take().is_empty(), "nothing tracked before start");
+    w.start();
+    d.write_at(4090, &[2; 10]).unwrap(); // chunks 0 and 1
+    d.write_at(40960, &[3; 1]).unwrap(); // chunk 10
+    assert_eq!(w.take(), vec![0, 1, 10]);
+    assert!(w.take().is_empty());
+    w.stop();
+    d.write_at(0, &[4; 1]).unwrap();
+    assert!(w.take().is_empty());
+}
+
+#[test]
+fn group_hashes_find_the_group_that_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = ftvm_storage::DiskImage::create(dir.path().join("a.img"), 1 << 20, 4096).unwrap();
+    let b = ftvm_storage::DiskImage::create(dir.path().join("b.img"), 1 << 20, 4096).unwrap();
+    a.write_at(100 * 4096, &[9; 4096]).unwrap();
+    let (ga, gb) = (
+        a.chunk_hashes().group_hashes(64),
+        b.chunk_hashes().group_hashes(64),
+    );
+    assert_eq!(ga.len(), 4);
+    let differ: Vec<usize> = (0..4).filter(|&i| ga[i] != gb[i]).collect();
+    assert_eq!(differ, vec![1]);
+}
