@@ -36,7 +36,9 @@ pub trait Persist: Sized {
 pub enum PersistError {
     #[error("reading or writing vCPU state: {0}")]
     Vcpu(String),
-    #[error("machine state of format version {found}; this ftvm reads version {STATE_FORMAT_VERSION}")]
+    #[error(
+        "machine state of format version {found}; this ftvm reads version {STATE_FORMAT_VERSION}"
+    )]
     Version { found: u16 },
     #[error("machine state is for another machine: {0}")]
     Shape(String),

@@ -7,8 +7,8 @@ use ftvm_appliance::devices::console::Console;
 use ftvm_appliance::machine::{Machine, MachineError};
 use ftvm_appliance::persist::{MachineState, PersistError};
 use ftvm_appliance::replay::env::EnvError;
-use ftvm_appliance::replay::log::{self, Entry, EntrySource, LogReader, LogSink, LogWriter};
 use ftvm_appliance::replay::live::LiveWorld;
+use ftvm_appliance::replay::log::{self, Entry, EntrySource, LogReader, LogSink, LogWriter};
 use ftvm_appliance::replay::recorder::{DigestSchedule, Recorder};
 use ftvm_appliance::replay::replayer::Replayer;
 use ftvm_appliance::vstate::vcpu::VcpuControl;
@@ -105,7 +105,12 @@ fn a_restored_machine_replays_the_rest_to_the_same_end() {
         interval: 64,
         full_every: 4,
     };
-    let mut rec = Recorder::new(LiveWorld::new().unwrap(), writer, schedule, log::DiskReads::Ship);
+    let mut rec = Recorder::new(
+        LiveWorld::new().unwrap(),
+        writer,
+        schedule,
+        log::DiskReads::Ship,
+    );
     let control = std::sync::Arc::new(VcpuControl::new());
     let (tx, rx) = mpsc::channel();
     let c = control.clone();
@@ -121,7 +126,12 @@ fn a_restored_machine_replays_the_rest_to_the_same_end() {
     log.flush().unwrap();
     drop(log);
     let (state, memory) = rx.recv().expect("the boundary task ran");
-    assert!(state.ordinal > 0 && state.ordinal < summary.exits, "{} of {}", state.ordinal, summary.exits);
+    assert!(
+        state.ordinal > 0 && state.ordinal < summary.exits,
+        "{} of {}",
+        state.ordinal,
+        summary.exits
+    );
 
     // The state survives its own encoding.
     let state = MachineState::decode(&state.encode().unwrap()).unwrap();
@@ -135,7 +145,10 @@ fn a_restored_machine_replays_the_rest_to_the_same_end() {
     let mut replayer = Replayer::new(After::new(&log_path, state.ordinal));
     let end = b.run(&mut replayer, &VcpuControl::new()).unwrap();
     assert_eq!(end.exits, summary.exits);
-    assert_eq!(end.digest, summary.digest, "the restored machine ended elsewhere");
+    assert_eq!(
+        end.digest, summary.digest,
+        "the restored machine ended elsewhere"
+    );
     assert!(replayer.digests_checked > 0);
 
     // A state of another version or another machine is refused, saying why.

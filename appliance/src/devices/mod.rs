@@ -70,7 +70,10 @@ pub trait PioDevice: Send {
         persist::PioState::Stateless
     }
     /// Takes a saved state (of the same kind of device).
-    fn restore_state(&mut self, state: &persist::PioState) -> Result<(), crate::persist::PersistError> {
+    fn restore_state(
+        &mut self,
+        state: &persist::PioState,
+    ) -> Result<(), crate::persist::PersistError> {
         match state {
             persist::PioState::Stateless => Ok(()),
             other => Err(crate::persist::PersistError::Device(format!(

@@ -52,8 +52,13 @@ impl PioDevice for Com1 {
             )));
         };
         let console = self.serial.writer().clone();
-        self.serial = Serial::from_state(&s.into(), NoInterrupt, vm_superio::serial::NoEvents, console)
-            .map_err(|e| crate::persist::PersistError::Device(format!("COM1: {e:?}")))?;
+        self.serial = Serial::from_state(
+            &s.into(),
+            NoInterrupt,
+            vm_superio::serial::NoEvents,
+            console,
+        )
+        .map_err(|e| crate::persist::PersistError::Device(format!("COM1: {e:?}")))?;
         Ok(())
     }
 

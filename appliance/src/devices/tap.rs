@@ -189,6 +189,14 @@ pub struct TapWriter {
 }
 
 impl TapWriter {
+    /// Another writer on the same TAP (a duplicated descriptor).
+    pub fn try_clone(&self) -> std::io::Result<TapWriter> {
+        Ok(TapWriter {
+            name: self.name.clone(),
+            file: self.file.try_clone()?,
+        })
+    }
+
     /// Sends a frame; a failed send is a lost packet, as on any network.
     pub fn send(&self, frame: &[u8]) {
         send_frame(&self.file, &self.name, frame);

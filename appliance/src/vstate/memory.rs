@@ -37,3 +37,23 @@ pub fn take_vmm_dirty(mem: &GuestMemory) -> Vec<u64> {
 pub fn page_count(mem: &GuestMemory) -> u64 {
     mem.iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE
 }
+
+/// Gives all of guest memory back to the host: every page reads as zero
+/// again, and none is resident (a joining backup's memory before the
+/// primary's pages arrive). Only while no vCPU runs.
+pub fn discard(mem: &GuestMemory) -> std::io::Result<()> {
+    for r in mem.iter() {
+        let len = r.len() as usize;
+        let Ok(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+            continue;
+        };
+        // SAFETY: `host..host+len` is this region's own private anonymous
+        // mapping; MADV_DONTNEED on it only drops its pages (later reads see
+        // zeros). No vCPU runs and no other reference reads it meanwhile.
+        let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,10 +1,17 @@
-//! The vCPU's state for save/restore: general and system registers, x87 and
-//! SSE state, the MSRs a platform guest can touch, pending events and the
-//! MP state.
+//! The vCPU's state for save/restore: general and system registers, the
+//! XSAVE area and XCRs (x87, SSE and any extended state), the MSRs a
+//! platform guest can touch, pending events and the MP state.
+//!
+//! The FPU goes through KVM_GET/SET_XSAVE, not KVM_SET_FPU: SET_FPU writes
+//! the legacy area but leaves the XSAVE header's feature bits as they were,
+//! so on a fresh vCPU the SSE registers came back zero at the next entry (a
+//! joined backup diverged on XMM6 at its first digest).
 
 use super::vcpu::Vcpu;
 use crate::persist::PersistError;
-use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, Msrs};
+use kvm_bindings::{
+    kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+};
 use serde::{Deserialize, Serialize};
 
 /// MSRs saved: SYSENTER, PAT, MISC_ENABLE, the SYSCALL MSRs and
@@ -23,25 +30,18 @@ const MSRS: [u32; 9] = [
 ];
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
-/// x87 and SSE state (`kvm_fpu`, field by field).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FpuState {
-    pub fpr: Vec<[u8; 16]>,
-    pub fcw: u16,
-    pub fsw: u16,
-    pub ftwx: u8,
-    pub last_opcode: u16,
-    pub last_ip: u64,
-    pub last_dp: u64,
-    pub xmm: Vec<[u8; 16]>,
-    pub mxcsr: u32,
-}
+/// Words in KVM's legacy XSAVE buffer (4 KiB): x87, SSE, AVX and the
+/// header. A guest with larger state (AMX) would need KVM_GET_XSAVE2; this
+/// VMM never enables it.
+const XSAVE_WORDS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VcpuState {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
-    pub fpu: FpuState,
+    /// `kvm_xsave.region`, word by word.
+    pub xsave: Vec<u32>,
+    pub xcrs: kvm_xcrs,
     pub msrs: Vec<(u32, u64)>,
     pub events: kvm_vcpu_events,
     pub mp_state: kvm_mp_state,
@@ -67,24 +67,20 @@ impl Vcpu {
     pub fn save_state(&self) -> Result<VcpuState, PersistError> {
         let regs = self.fd.get_regs().map_err(kvm)?;
         let sregs = self.fd.get_sregs().map_err(kvm)?;
-        let f = self.fd.get_fpu().map_err(kvm)?;
-        let mut msrs = Msrs::from_entries(&msr_list()).map_err(|e| PersistError::Vcpu(e.to_string()))?;
+        let xsave = self.fd.get_xsave().map_err(kvm)?;
+        let xcrs = self.fd.get_xcrs().map_err(kvm)?;
+        let mut msrs =
+            Msrs::from_entries(&msr_list()).map_err(|e| PersistError::Vcpu(e.to_string()))?;
         let n = self.fd.get_msrs(&mut msrs).map_err(kvm)?;
-        let msrs = msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect();
+        let msrs = msrs.as_slice()[..n]
+            .iter()
+            .map(|e| (e.index, e.data))
+            .collect();
         Ok(VcpuState {
             regs,
             sregs,
-            fpu: FpuState {
-                fpr: f.fpr.to_vec(),
-                fcw: f.fcw,
-                fsw: f.fsw,
-                ftwx: f.ftwx,
-                last_opcode: f.last_opcode,
-                last_ip: f.last_ip,
-                last_dp: f.last_dp,
-                xmm: f.xmm.to_vec(),
-                mxcsr: f.mxcsr,
-            },
+            xsave: xsave.region.to_vec(),
+            xcrs,
             msrs,
             events: self.fd.get_vcpu_events().map_err(kvm)?,
             mp_state: self.fd.get_mp_state().map_err(kvm)?,
@@ -95,26 +91,20 @@ impl Vcpu {
     pub fn restore_state(&self, s: &VcpuState) -> Result<(), PersistError> {
         self.fd.set_sregs(&s.sregs).map_err(kvm)?;
         self.fd.set_regs(&s.regs).map_err(kvm)?;
-        let mut fpu = kvm_fpu {
-            fcw: s.fpu.fcw,
-            fsw: s.fpu.fsw,
-            ftwx: s.fpu.ftwx,
-            last_opcode: s.fpu.last_opcode,
-            last_ip: s.fpu.last_ip,
-            last_dp: s.fpu.last_dp,
-            mxcsr: s.fpu.mxcsr,
-            ..Default::default()
-        };
-        if s.fpu.fpr.len() != fpu.fpr.len() || s.fpu.xmm.len() != fpu.xmm.len() {
+        if s.xsave.len() != XSAVE_WORDS {
             return Err(PersistError::Decode(format!(
-                "FPU state with {} x87 and {} SSE registers",
-                s.fpu.fpr.len(),
-                s.fpu.xmm.len()
+                "XSAVE area of {} words, expected {XSAVE_WORDS}",
+                s.xsave.len()
             )));
         }
-        fpu.fpr.copy_from_slice(&s.fpu.fpr);
-        fpu.xmm.copy_from_slice(&s.fpu.xmm);
-        self.fd.set_fpu(&fpu).map_err(kvm)?;
+        // XCR0 first: it says which XSAVE components the area may carry.
+        self.fd.set_xcrs(&s.xcrs).map_err(kvm)?;
+        let mut xsave = kvm_xsave::default();
+        xsave.region.copy_from_slice(&s.xsave);
+        // SAFETY: `xsave` is a whole 4 KiB `kvm_xsave`, and this VMM never
+        // enables dynamic XSTATE features (KVM_CAP_XSAVE2 sizes above 4 KiB),
+        // so KVM reads no more than the struct holds.
+        unsafe { self.fd.set_xsave(&xsave) }.map_err(kvm)?;
         let entries: Vec<kvm_msr_entry> = s
             .msrs
             .iter()

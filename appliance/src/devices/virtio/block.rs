@@ -216,6 +216,10 @@ impl VirtioDevice for Block {
         Some(self.disk.merkle_root())
     }
 
+    fn disk(&self) -> Option<&DiskImage> {
+        Some(&self.disk)
+    }
+
     fn save_state(&self) -> super::persist::VirtioDeviceState {
         super::persist::VirtioDeviceState::Block {
             size: self.disk.size(),

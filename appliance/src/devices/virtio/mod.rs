@@ -41,6 +41,10 @@ pub trait VirtioDevice: Send {
     fn state_digest(&self) -> Option<[u8; 32]> {
         None
     }
+    /// The disk behind a block device.
+    fn disk(&self) -> Option<&ftvm_storage::DiskImage> {
+        None
+    }
     /// The device's own state, for save/restore.
     fn save_state(&self) -> persist::VirtioDeviceState;
     /// Takes a saved state (of the same kind of device).
