@@ -10,6 +10,7 @@
 #   scripts/lab.sh start [--prefix P] [--dir D] witness|a|b|etcd-a|etcd-b|etcd-w [-- ARGS...]   (e.g. a -- --primary)
 #   scripts/lab.sh kill  [--prefix P] [--dir D] witness|a|b|etcd-a|etcd-b|etcd-w [SIGNAL]
 #   scripts/lab.sh status [--prefix P] [--dir D] a|b      (the node's /status JSON)
+#   scripts/lab.sh switchover [--prefix P] [--dir D] a|b  (asks that node, the primary, to hand over)
 #   scripts/lab.sh reset [--prefix P] [--dir D] [--from a|b]
 #   scripts/lab.sh etcdctl [--prefix P] [--dir D] -- ARGS...   (etcd witness: etcdctl as operator)
 #
@@ -332,6 +333,8 @@ name = "node-a"
 status = $(cmd_of status '"a"')
 start_primary = $(cmd_of start '"a", "--", "--primary"')
 start_backup = $(cmd_of start '"a"')
+join = $(cmd_of start '"a", "--", "--join"')
+switchover = $(cmd_of switchover '"a"')
 kill = $(cmd_of kill '"a", "KILL"')
 
 [site.b]
@@ -339,6 +342,8 @@ name = "node-b"
 status = $(cmd_of status '"b"')
 start_primary = $(cmd_of start '"b", "--", "--primary"')
 start_backup = $(cmd_of start '"b"')
+join = $(cmd_of start '"b", "--", "--join"')
+switchover = $(cmd_of switchover '"b"')
 kill = $(cmd_of kill '"b", "KILL"')
 EOT
 }
@@ -415,6 +420,7 @@ case "$cmd" in
     ;;
   kill) kill_proc "${1:?kill witness|a|b|etcd-a|etcd-b|etcd-w}" "${2:-TERM}" ;;
   status) ns "${1:?status a|b}" "$FTVM" status --json --config "$(cd "$D" && pwd)/node-$1.toml" ;;
+  switchover) ns "${1:?switchover a|b}" "$FTVM" switchover --config "$(cd "$D" && pwd)/node-$1.toml" ;;
   reset)
     from=
     [ "${1:-}" = "--from" ] && from=${2:?--from a|b}

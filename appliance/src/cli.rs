@@ -44,6 +44,23 @@ pub enum Command {
         /// when the other node is known not to be live; see docs/runbook.md.
         #[arg(long, requires = "primary")]
         cold_start: bool,
+        /// Return as the backup of the live node through re-protection:
+        /// copy the live node's disk and memory while it keeps serving,
+        /// then follow its log. For a node that ran before (a fenced old
+        /// primary, a restarted backup); with `[ft] reprotect = "auto"` the
+        /// node asks by itself. See docs/runbook.md.
+        #[arg(long, conflicts_with = "primary")]
+        join: bool,
+    },
+    /// Hand the live role to the protected backup, planned (maintenance).
+    ///
+    /// Asks the LIVE node: it stops its vCPU at an exit boundary, lets the
+    /// backup replay the last entry, and the backup goes live in the next
+    /// epoch with the guest's connections intact; this node then follows
+    /// as the new backup. Refused unless the pair is protected.
+    Switchover {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Make a running BACKUP go live WITHOUT the witness. DANGEROUS.
     ///
@@ -191,8 +208,10 @@ fn dispatch(cmd: Command) -> Result<ExitCode> {
             config,
             primary,
             cold_start,
-        } => run(&config, primary, cold_start),
+            join,
+        } => run(&config, primary, cold_start, join),
         Command::GoLive { config, force } => go_live(&config, force),
+        Command::Switchover { config } => switchover(&config),
         Command::Drill {
             targets,
             scenario,
@@ -352,14 +371,15 @@ fn report_disk(machine: &Machine) {
     }
 }
 
-fn run(config: &Path, primary: bool, cold_start: bool) -> Result<ExitCode> {
+fn run(config: &Path, primary: bool, cold_start: bool, join: bool) -> Result<ExitCode> {
     let cfg = ApplianceConfig::load(config)?;
     if cfg.ft.is_some() {
-        return run_node(&cfg, primary, cold_start);
+        return run_node(&cfg, primary, cold_start, join);
     }
-    if primary {
+    if primary || join {
         anyhow::bail!(
-            "--primary given, but {} has no [ft] section (a single machine needs no role)",
+            "--{} given, but {} has no [ft] section (a single machine has no pair)",
+            if primary { "primary" } else { "join" },
             config.display()
         );
     }
@@ -372,12 +392,17 @@ fn run(config: &Path, primary: bool, cold_start: bool) -> Result<ExitCode> {
 }
 
 /// Runs this node of a pair.
-fn run_node(cfg: &ApplianceConfig, primary: bool, cold_start: bool) -> Result<ExitCode> {
+fn run_node(
+    cfg: &ApplianceConfig,
+    primary: bool,
+    cold_start: bool,
+    join: bool,
+) -> Result<ExitCode> {
     use crate::ft::node::{self, NodeOutcome, StartAs};
     let start = if primary {
         StartAs::Primary { cold_start }
     } else {
-        StartAs::Backup
+        StartAs::Backup { join }
     };
     match node::run(cfg, start, open_console(cfg)?)? {
         NodeOutcome::Finished {
@@ -424,6 +449,18 @@ fn go_live(config: &Path, force: bool) -> Result<ExitCode> {
         );
     }
     let answer = crate::admin::request(ft.admin, "POST", "/go-live?force=yes")?;
+    print!("{answer}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the live node to hand over to its backup; prints its answer.
+fn switchover(config: &Path) -> Result<ExitCode> {
+    let cfg = ApplianceConfig::load(config)?;
+    let ft = cfg
+        .ft
+        .as_ref()
+        .with_context(|| format!("{} has no [ft] section", config.display()))?;
+    let answer = crate::admin::request(ft.admin, "POST", "/switchover")?;
     print!("{answer}");
     Ok(ExitCode::SUCCESS)
 }

@@ -204,7 +204,9 @@ impl Machine {
         let clock_ns = self
             .vm
             .mem
-            .read_obj(GuestAddress(crate::vstate::layout::PLATFORM_PAGE + crate::vstate::layout::PP_CLOCK_NS))
+            .read_obj(GuestAddress(
+                crate::vstate::layout::PLATFORM_PAGE + crate::vstate::layout::PP_CLOCK_NS,
+            ))
             .map_err(MachineError::Boot)?;
         Ok(crate::persist::MachineState {
             format_version: crate::persist::STATE_FORMAT_VERSION,
@@ -239,13 +241,38 @@ impl Machine {
 
     /// Guest memory (a shared handle: re-protection reads and writes pages
     /// through it) and the dirty-page log.
-    pub fn memory(&self) -> (crate::vstate::memory::GuestMemory, std::sync::Arc<crate::vstate::vm::DirtyLog>) {
+    pub fn memory(
+        &self,
+    ) -> (
+        crate::vstate::memory::GuestMemory,
+        std::sync::Arc<crate::vstate::vm::DirtyLog>,
+    ) {
         (self.vm.mem.clone(), self.vm.dirty_log())
     }
 
     /// The exit ordinal reached.
     pub fn ordinal(&self) -> u64 {
         self.ordinal
+    }
+
+    /// The disk's tracker of written chunks, when the machine has a disk.
+    pub fn disk_written(&self) -> Option<std::sync::Arc<ftvm_storage::WrittenChunks>> {
+        self.mmio
+            .transports()
+            .find_map(|t| t.device().disk())
+            .map(|d| d.written_chunks())
+    }
+
+    /// Opens the disk again (its chunk hashes recomputed from the file): a
+    /// joiner whose image was rewritten by re-protection before the machine
+    /// ran.
+    pub fn reopen_disk(&mut self, cfg: &ApplianceConfig) -> Result<(), MachineError> {
+        if let Some(d) = &cfg.disk {
+            let image = ftvm_storage::DiskImage::open(&d.path, d.chunk_size)?;
+            self.mmio
+                .attach(1, MmioTransport::new(Box::new(Block::new(image))));
+        }
+        Ok(())
     }
 
     /// What a log or a peer must match to run on this machine.

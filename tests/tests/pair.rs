@@ -349,7 +349,7 @@ fn refused_pairings_say_why_on_both_sides() {
 /// Connects to A as node-b and sends a Hello claiming protocol version 99;
 /// returns the refusal reason A answered with.
 fn future_hello(lab: &Lab) -> anyhow::Result<String> {
-    use ftvm_appliance::ft::proto::{self, Control, Hello, Position, FRAME_CONTROL};
+    use ftvm_appliance::ft::proto::{self, Control, Hello, JoinRequest, Position, FRAME_CONTROL};
     use ftvm_appliance::replay::log::{DiskReads, MachineShape, LOG_FORMAT_VERSION};
     use ftvm_transport::quic::{self, QuicOptions, TlsFiles, ALPN_LOG};
     let pki = lab.dir.join("pki");
@@ -388,7 +388,11 @@ fn future_hello(lab: &Lab) -> anyhow::Result<String> {
                 },
                 disk_root: None,
                 disk_reads: DiskReads::Ship,
-                position: Position { received: 0 },
+                position: Position {
+                    received: 0,
+                    ordinal: 0,
+                },
+                join: JoinRequest::No,
             });
             let payload = proto::encode_as(99, &hello)?;
             ftvm_transport::frame::write_frame_async(&mut send, FRAME_CONTROL, &payload, 65536)

@@ -25,6 +25,8 @@ use std::time::Duration;
 pub enum AdminCommand {
     /// Go live now, without the witness (`ftvm go-live --force`).
     ForceGoLive,
+    /// Hand the live role to the protected backup (`ftvm switchover`).
+    Switchover,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,7 @@ pub async fn start(
         .route("/status", route_get(status))
         .route("/metrics", route_get(metrics))
         .route("/go-live", axum::routing::post(force_go_live))
+        .route("/switchover", axum::routing::post(switchover))
         .with_state(sources.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -86,7 +89,18 @@ async fn force_go_live(
             "go-live without the witness needs ?force=yes\n".to_string(),
         );
     }
-    let answer = tokio::task::spawn_blocking(move || s.command(AdminCommand::ForceGoLive)).await;
+    command_answer(tokio::task::spawn_blocking(move || s.command(AdminCommand::ForceGoLive)).await)
+}
+
+/// `POST /switchover`: a planned hand-over to the backup. Answers once the
+/// backup is live (or with why it did not happen).
+async fn switchover(State(s): State<Arc<StatusSources>>) -> impl IntoResponse {
+    command_answer(tokio::task::spawn_blocking(move || s.command(AdminCommand::Switchover)).await)
+}
+
+fn command_answer(
+    answer: Result<Result<String, String>, tokio::task::JoinError>,
+) -> (StatusCode, String) {
     match answer {
         Ok(Ok(text)) => (StatusCode::OK, format!("{text}\n")),
         Ok(Err(text)) => (StatusCode::CONFLICT, format!("{text}\n")),
@@ -254,7 +268,8 @@ pub fn request(addr: SocketAddr, method: &str, path: &str) -> Result<String, Adm
     let err = |message: String| AdminError::Request { addr, message };
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| err(format!("cannot connect (is the node running?): {e}")))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
+    // A switchover answers once the backup is live: seconds over a WAN.
+    s.set_read_timeout(Some(Duration::from_secs(120)))
         .map_err(|e| err(e.to_string()))?;
     write!(
         s,

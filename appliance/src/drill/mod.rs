@@ -46,6 +46,12 @@ pub struct SiteTargets {
     pub status: Cmd,
     pub start_primary: Cmd,
     pub start_backup: Cmd,
+    /// Starts the node as a joining backup (`ftvm run --join`).
+    #[serde(default)]
+    pub join: Option<Cmd>,
+    /// Asks the node, as primary, to hand over (`ftvm switchover`).
+    #[serde(default)]
+    pub switchover: Option<Cmd>,
     pub kill: Cmd,
 }
 

@@ -17,12 +17,13 @@
 
 use super::log_queue::{Batch, LogQueue};
 use super::output_gate::OutputGate;
-use super::pairing::{check_hello, check_welcome, Identity};
+use super::pairing::{check_hello, check_join, check_welcome, Identity};
 use super::proto::{
-    self, Control, Hello, Position, ProtoError, Welcome, CLOSE_BAD_FRAME, CLOSE_DONE,
+    self, Control, Hello, JoinRequest, Position, ProtoError, Welcome, CLOSE_BAD_FRAME, CLOSE_DONE,
     CLOSE_REFUSED, CLOSE_REPLACED, FRAME_CONTROL, MAX_CONTROL_FRAME, PROTOCOL_VERSION,
 };
 use super::replay_queue::ReplayQueue;
+use super::reprotect::{self, JoinSource, JoinTarget, SharedProgress};
 use super::role::RoleCell;
 use crate::replay::log::{
     decode_batch, encode_batch, BatchHeader, MachineShape, FRAME_ENTRIES, LOG_FORMAT_VERSION,
@@ -222,23 +223,53 @@ fn spawn_writer(mut send: quinn::SendStream) -> mpsc::Sender<Control> {
 }
 
 /// The primary's side.
-#[derive(Debug)]
 pub struct PrimaryChannel {
     pub settings: ChannelSettings,
     pub queue: Arc<LogQueue>,
     /// `None` for a machine without a network card: no output to hold.
     pub gate: Option<OutputGate>,
-    /// Where this primary's log starts, when a backup can follow it from
-    /// power-on; `None` after a go-live (a backup must join through
-    /// re-protection).
-    pub header: Option<crate::replay::log::LogHeader>,
+    /// Where the log a backup can follow starts (from power-on, after a
+    /// switchover, or after a join's cut-over); `None` when only a join can
+    /// protect this node (after a go-live).
+    header: Mutex<Option<crate::replay::log::LogHeader>>,
     pub role: RoleCell,
     pub link: Arc<LinkState>,
     /// False while this node claims an epoch after declaring its backup failed.
     accepting: AtomicBool,
+    /// What a joining backup is copied from, once the machine runs.
+    join: Mutex<Option<JoinSource>>,
+    /// Accept joins from the configured peer without an operator's `--join`.
+    auto_reprotect: bool,
+    pub progress: SharedProgress,
+    /// Tells the node what the backup said that concerns it.
+    notify: Mutex<Option<LinkNotifier>>,
     session: Mutex<Option<Attached>>,
     next_session: AtomicU64,
     corrupt_frame: Option<u64>,
+}
+
+/// What a channel tells its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// Backup side: the primary stopped for a planned switchover.
+    SwitchOver {
+        ordinal: u64,
+        last_index: u64,
+        disk_root: Option<[u8; 32]>,
+    },
+    /// Primary side: the backup took over at the next epoch.
+    SwitchedOver { epoch: u64 },
+}
+
+pub type LinkNotifier = Box<dyn Fn(LinkEvent) + Send + Sync>;
+
+impl std::fmt::Debug for PrimaryChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryChannel")
+            .field("node", &self.settings.me.node)
+            .field("attached", &self.attached())
+            .finish()
+    }
 }
 
 /// The backup attached now.
@@ -250,6 +281,7 @@ struct Attached {
 }
 
 impl PrimaryChannel {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: ChannelSettings,
         queue: Arc<LogQueue>,
@@ -257,6 +289,8 @@ impl PrimaryChannel {
         header: Option<crate::replay::log::LogHeader>,
         role: RoleCell,
         link: Arc<LinkState>,
+        auto_reprotect: bool,
+        progress: SharedProgress,
     ) -> Arc<Self> {
         let corrupt_frame = std::env::var(TEST_CORRUPT_FRAME_ENV)
             .ok()
@@ -271,10 +305,14 @@ impl PrimaryChannel {
             settings,
             queue,
             gate,
-            header,
+            header: Mutex::new(header),
             role,
             link,
             accepting: AtomicBool::new(true),
+            join: Mutex::new(None),
+            auto_reprotect,
+            progress,
+            notify: Mutex::new(None),
             session: Mutex::new(None),
             next_session: AtomicU64::new(1),
             corrupt_frame,
@@ -286,6 +324,40 @@ impl PrimaryChannel {
         while let Some(incoming) = endpoint.accept().await {
             let me = self.clone();
             tokio::spawn(async move { me.handle(incoming).await });
+        }
+    }
+
+    /// Joins can be served from `src` (the running machine's parts).
+    pub fn set_join_source(&self, src: JoinSource) {
+        *self.join.lock().unwrap_or_else(|p| p.into_inner()) = Some(src);
+    }
+
+    /// Where a following backup's log starts from now on.
+    pub fn set_header(&self, h: Option<crate::replay::log::LogHeader>) {
+        *self.header.lock().unwrap_or_else(|p| p.into_inner()) = h;
+    }
+
+    pub fn set_notifier(&self, n: LinkNotifier) {
+        *self.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(n);
+    }
+
+    fn tell_node(&self, e: LinkEvent) {
+        if let Some(n) = &*self.notify.lock().unwrap_or_else(|p| p.into_inner()) {
+            n(e);
+        }
+    }
+
+    /// Sends `m` to the attached backup, if any.
+    pub async fn tell_backup(&self, m: Control) -> bool {
+        let tx = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|a| a.to_backup.clone());
+        match tx {
+            Some(tx) => tx.send(m).await.is_ok(),
+            None => false,
         }
     }
 
@@ -314,7 +386,7 @@ impl PrimaryChannel {
         }
     }
 
-    async fn handle(self: Arc<Self>, incoming: quinn::Incoming) {
+    pub async fn handle(self: Arc<Self>, incoming: quinn::Incoming) {
         let remote = incoming.remote_address();
         let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
             Ok(Ok(c)) => c,
@@ -369,7 +441,7 @@ impl PrimaryChannel {
             }
         };
         match self.judge(&cert_name, &hello) {
-            Ok(resume_from) => self.session(conn, send, recv, hello, resume_from).await,
+            Ok(admission) => self.session(conn, send, recv, hello, admission).await,
             Err(reason) => {
                 tracing::error!(%remote, peer = %cert_name, %reason, "refusing pairing");
                 self.link.note_refusal(&reason);
@@ -378,7 +450,7 @@ impl PrimaryChannel {
         }
     }
 
-    fn judge(&self, cert_name: &str, hello: &Hello) -> Result<u64, String> {
+    fn judge(&self, cert_name: &str, hello: &Hello) -> Result<Admission, String> {
         let role = self.role.get();
         if !role.role.is_live() {
             return Err(format!(
@@ -392,21 +464,52 @@ impl PrimaryChannel {
                     .into(),
             );
         }
-        if let Some(why) = self.link.replication_stopped() {
+        let header = self
+            .header
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let follow = match &header {
+            Some(h) if self.link.replication_stopped().is_none() => {
+                check_hello(&self.settings.me, cert_name, hello, role.epoch, h).and_then(|()| {
+                    self.queue
+                        .resume_from(hello.position.received)
+                        .map_err(|e| e.to_string())
+                })
+            }
+            Some(_) => Err(format!(
+                "replication to this backup stopped ({}); it must rejoin with a full copy",
+                self.link.replication_stopped().unwrap_or_default()
+            )),
+            None => Err(format!(
+                "this node went live in epoch {}; its log does not start from power-on",
+                role.epoch
+            )),
+        };
+        let why_not = match follow {
+            Ok(resume_from) => return Ok(Admission::Follow { resume_from }),
+            Err(why) => why,
+        };
+        // It cannot follow the log: a full copy (re-protection), if allowed.
+        let allowed = match hello.join {
+            JoinRequest::Operator => true,
+            JoinRequest::IfAllowed => self.auto_reprotect,
+            JoinRequest::No | JoinRequest::Invalid => false,
+        };
+        if !allowed {
             return Err(format!(
-                "replication to this backup stopped ({why}); it must rejoin with a full copy"
+                "{why_not}; it needs re-protection: start it with --join, or set ft.reprotect = \"auto\" on this node"
             ));
         }
-        let Some(header) = &self.header else {
-            return Err(format!(
-                "this node went live in epoch {}; its log does not start from power-on, so a backup must join through re-protection",
-                role.epoch
-            ));
+        let src = self.join.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(src) = src else {
+            return Err("this node's machine is not running yet; try again".into());
         };
-        check_hello(&self.settings.me, cert_name, hello, role.epoch, header)?;
-        self.queue
-            .resume_from(hello.position.received)
-            .map_err(|e| e.to_string())
+        if self.attached() {
+            return Err("a backup is attached already".into());
+        }
+        check_join(&self.settings.me, cert_name, hello, role.epoch, &src.shape)?;
+        Ok(Admission::Join)
     }
 
     async fn session(
@@ -415,11 +518,27 @@ impl PrimaryChannel {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
         hello: Hello,
-        resume_from: u64,
+        admission: Admission,
     ) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let epoch = self.queue.epoch();
-        let Some(header) = self.header.clone() else {
+        let resume_from = match admission {
+            Admission::Follow { resume_from } => resume_from,
+            Admission::Join => match self.serve_join(&conn, &mut send, &hello).await {
+                Ok(first) => first,
+                Err(e) => {
+                    tracing::warn!(peer = %hello.node, error = %e, "re-protection broke off; this node goes on as it was");
+                    conn.close(CLOSE_DONE.into(), b"join failed");
+                    return;
+                }
+            },
+        };
+        let Some(header) = self
+            .header
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
             return;
         };
         let welcome = Welcome {
@@ -516,6 +635,53 @@ impl PrimaryChannel {
         conn.close(CLOSE_DONE.into(), b"session ended");
     }
 
+    /// Copies this node to a joining backup; returns the first log index it
+    /// follows (the header is set to the cut-over's).
+    async fn serve_join(
+        &self,
+        conn: &quinn::Connection,
+        send: &mut quinn::SendStream,
+        hello: &Hello,
+    ) -> Result<u64, String> {
+        let src = self
+            .join
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or("no join source")?;
+        send_control(
+            send,
+            &Control::JoinAccepted {
+                epoch: self.queue.epoch(),
+                group: reprotect::GROUP,
+            },
+        )
+        .await?;
+        tracing::warn!(peer = %hello.node, "re-protection: a backup joins; copying disk and memory");
+        let (tx, rx) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| "no sync stream in time".to_string())?
+            .map_err(|e| format!("no sync stream: {e}"))?;
+        let (header, _pause) = reprotect::serve(
+            tx,
+            rx,
+            &src,
+            &self.queue,
+            self.gate.as_ref(),
+            &self.progress,
+        )
+        .await?;
+        let first = header.first_index;
+        self.set_header(Some(header));
+        // A new copy: a divergence of the old backup is history.
+        *self
+            .link
+            .replication_stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(first)
+    }
+
     /// Handles one message from the backup; `Some(reason)` ends the session.
     fn on_control(&self, peer: &str, m: Control) -> Option<String> {
         match m {
@@ -554,6 +720,13 @@ impl PrimaryChannel {
                 tracing::error!(peer, %reason, "the backup refused this primary");
                 self.link.note_refusal(&reason);
                 Some(format!("refused by the backup: {reason}"))
+            }
+            Control::SwitchedOver { epoch } => {
+                self.link.goodbye.store(true, Ordering::Relaxed);
+                self.tell_node(LinkEvent::SwitchedOver { epoch });
+                Some(format!(
+                    "the backup took over in epoch {epoch} (switchover)"
+                ))
             }
             other => Some(format!("unexpected control message {other:?}")),
         }
@@ -620,6 +793,15 @@ async fn send_log(
     }
 }
 
+/// How the primary takes a backup in.
+#[derive(Debug, Clone, Copy)]
+enum Admission {
+    /// It follows the log from `resume_from`.
+    Follow { resume_from: u64 },
+    /// It is copied first (re-protection).
+    Join,
+}
+
 /// How a backup session ended.
 #[derive(Debug)]
 enum SessionEnd {
@@ -630,7 +812,6 @@ enum SessionEnd {
 }
 
 /// The backup's side.
-#[derive(Debug)]
 pub struct BackupChannel {
     pub settings: ChannelSettings,
     pub queue: Arc<ReplayQueue>,
@@ -641,10 +822,48 @@ pub struct BackupChannel {
     /// The epoch this node has stored (the Hello says it; a Welcome must
     /// not be older).
     epoch_seen: AtomicU64,
+    /// Exits this node's machine has made (the log it follows must start there).
+    start_ordinal: u64,
+    /// Whether to ask for a full copy when it cannot follow the log, and
+    /// where that copy goes.
+    join: JoinRequest,
+    target: Option<JoinTarget>,
+    pub progress: SharedProgress,
     to_primary: Mutex<Option<mpsc::Sender<Control>>>,
+    notify: Mutex<Option<LinkNotifier>>,
+}
+
+impl std::fmt::Debug for BackupChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupChannel")
+            .field("node", &self.settings.me.node)
+            .field("join", &self.join)
+            .finish()
+    }
+}
+
+/// How a backup was taken in.
+#[derive(Debug)]
+pub enum Paired {
+    /// It follows the primary's log as its machine stands.
+    Follow(Welcome),
+    /// It was copied (re-protection): restore `state` (disk and memory are
+    /// written), then follow the log from the welcome.
+    Joined {
+        state: Box<crate::persist::MachineState>,
+        welcome: Welcome,
+    },
+}
+
+/// How a backup that may be copied asks for it.
+#[derive(Debug, Clone)]
+pub struct JoinPlan {
+    pub request: JoinRequest,
+    pub target: Option<JoinTarget>,
 }
 
 impl BackupChannel {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: ChannelSettings,
         queue: Arc<ReplayQueue>,
@@ -653,6 +872,9 @@ impl BackupChannel {
         shape: MachineShape,
         disk_root: Option<[u8; 32]>,
         epoch_seen: u64,
+        start_ordinal: u64,
+        join: JoinPlan,
+        progress: SharedProgress,
     ) -> Arc<Self> {
         Arc::new(BackupChannel {
             settings,
@@ -662,8 +884,23 @@ impl BackupChannel {
             shape,
             disk_root,
             epoch_seen: AtomicU64::new(epoch_seen),
+            start_ordinal,
+            join: join.request,
+            target: join.target,
+            progress,
             to_primary: Mutex::new(None),
+            notify: Mutex::new(None),
         })
+    }
+
+    pub fn set_notifier(&self, n: LinkNotifier) {
+        *self.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(n);
+    }
+
+    fn tell_node(&self, e: LinkEvent) {
+        if let Some(n) = &*self.notify.lock().unwrap_or_else(|p| p.into_inner()) {
+            n(e);
+        }
     }
 
     /// Sends `m` to the primary if connected (divergence reports, goodbye).
@@ -687,7 +924,7 @@ impl BackupChannel {
     pub async fn run(
         self: Arc<Self>,
         endpoint: quinn::Endpoint,
-        welcome: oneshot::Sender<Welcome>,
+        welcome: oneshot::Sender<Paired>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), ChannelError> {
         let mut welcome = Some(welcome);
@@ -751,7 +988,7 @@ impl BackupChannel {
     async fn session(
         &self,
         conn: &quinn::Connection,
-        welcome_out: &mut Option<oneshot::Sender<Welcome>>,
+        welcome_out: &mut Option<oneshot::Sender<Paired>>,
         stop: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         let peer = self.settings.me.peer.clone();
@@ -769,7 +1006,16 @@ impl BackupChannel {
             shape: self.shape.clone(),
             disk_root: self.disk_root,
             disk_reads: self.settings.me.disk_reads,
-            position: Position { received },
+            position: Position {
+                received,
+                ordinal: self.start_ordinal,
+            },
+            // A backup that already follows the log never asks to be copied.
+            join: if received > 0 {
+                JoinRequest::No
+            } else {
+                self.join
+            },
         };
         if let Err(e) = send_control(&mut send, &Control::Hello(hello)).await {
             return SessionEnd::Lost(format!("hello not sent: {e}"));
@@ -789,6 +1035,37 @@ impl BackupChannel {
             }
             Err(_) => return SessionEnd::Lost("no answer to the hello".into()),
         };
+        let mut joined = None;
+        let reply = match reply {
+            Control::JoinAccepted { epoch, .. } => {
+                let Some(target) = &self.target else {
+                    let why = "the primary offers a full copy, but this node cannot take one now";
+                    refuse(conn, Some(&mut send), why).await;
+                    return SessionEnd::Refused(why.into());
+                };
+                tracing::warn!(%peer, epoch, "re-protection: receiving the primary's disk and memory");
+                let (tx, rx) = match conn.open_bi().await {
+                    Ok(s) => s,
+                    Err(e) => return SessionEnd::Lost(format!("no sync stream: {e}")),
+                };
+                match reprotect::receive(tx, rx, target, &self.progress).await {
+                    Ok((state, header)) => {
+                        self.queue.restart_at(header.first_index);
+                        joined = Some(state);
+                    }
+                    Err(e) => return SessionEnd::Lost(format!("re-protection broke off: {e}")),
+                }
+                match tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv)).await {
+                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(None)) => {
+                        return SessionEnd::Lost("the primary closed the control stream".into())
+                    }
+                    Ok(Err(e)) => return SessionEnd::Lost(e),
+                    Err(_) => return SessionEnd::Lost("no welcome after the copy".into()),
+                }
+            }
+            other => other,
+        };
         let welcome = match reply {
             Control::Welcome(w) => w,
             Control::Refused { reason } => {
@@ -798,12 +1075,20 @@ impl BackupChannel {
             }
             other => return SessionEnd::Lost(format!("expected a welcome, got {other:?}")),
         };
+        let received = self.queue.received();
+        // A copied backup's disk is the primary's now (checked again once
+        // its machine reopens it).
+        let disk_root = if joined.is_some() {
+            welcome.header.disk_root
+        } else {
+            self.disk_root
+        };
         if let Err(reason) = check_welcome(
             &self.settings.me,
             &welcome,
             self.epoch_seen.load(Ordering::Relaxed),
             &self.shape,
-            &self.disk_root,
+            &disk_root,
             received,
         ) {
             tracing::error!(%peer, %reason, "refusing the primary");
@@ -813,7 +1098,14 @@ impl BackupChannel {
         let epoch = welcome.epoch;
         self.epoch_seen.store(epoch, Ordering::Relaxed);
         if let Some(tx) = welcome_out.take() {
-            let _ = tx.send(welcome);
+            let paired = match joined.take() {
+                Some(state) => Paired::Joined {
+                    state: Box::new(state),
+                    welcome,
+                },
+                None => Paired::Follow(welcome),
+            };
+            let _ = tx.send(paired);
         }
         let log = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_uni()).await {
             Ok(Ok(s)) => s,
@@ -878,6 +1170,9 @@ impl BackupChannel {
                     Some(Ok(Control::Refused { reason })) => {
                         tracing::error!(%peer, %reason, "the primary refused this backup");
                         break SessionEnd::Refused(reason);
+                    }
+                    Some(Ok(Control::SwitchOver { ordinal, last_index, disk_root })) => {
+                        self.tell_node(LinkEvent::SwitchOver { ordinal, last_index, disk_root });
                     }
                     Some(Ok(other)) => break SessionEnd::Lost(format!("unexpected control message {other:?}")),
                     Some(Err(e)) => break SessionEnd::Lost(e),

@@ -41,11 +41,20 @@ pub struct LivePlan {
     pub gate: Option<OutputGate>,
 }
 
-/// Shared between the node thread (which orders go-live) and the vCPU
+/// What the node hands the vCPU thread when a live node is to become a
+/// backup (the old primary of a planned switchover): the log to replay
+/// from the next exit on.
+#[derive(Debug)]
+pub struct BackupPlan {
+    pub source: LiveSource,
+}
+
+/// Shared between the node thread (which orders a switch) and the vCPU
 /// thread (which performs it at an exit boundary).
 #[derive(Debug, Default)]
 pub struct GoLive {
     plan: Mutex<Option<LivePlan>>,
+    backup_plan: Mutex<Option<BackupPlan>>,
     report: Mutex<GoLiveReport>,
 }
 
@@ -73,6 +82,19 @@ impl GoLive {
 
     fn take_plan(&self) -> Option<LivePlan> {
         self.plan.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Orders a live machine back to replay: its next exit is replayed
+    /// from `plan`'s log. Order it while the vCPU is stopped at a boundary.
+    pub fn order_backup(&self, plan: BackupPlan) {
+        *self.backup_plan.lock().unwrap_or_else(|p| p.into_inner()) = Some(plan);
+    }
+
+    fn take_backup_plan(&self) -> Option<BackupPlan> {
+        self.backup_plan
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub fn note_detected(&self) {
@@ -140,6 +162,31 @@ impl FtEnv {
         }
     }
 
+    /// A live node's environment (a primary from the start).
+    pub fn new_live(
+        recorder: Recorder<QueueSink>,
+        tap: Option<TapWriter>,
+        mac: Option<[u8; 6]>,
+        schedule: DigestSchedule,
+        disk_reads: DiskReads,
+        go_live: Arc<GoLive>,
+    ) -> Self {
+        let env = FtEnv {
+            mode: Mode::Live(Box::new(recorder)),
+            live: None,
+            tap,
+            mac,
+            guest_ip: None,
+            schedule,
+            disk_reads,
+            go_live,
+        };
+        // The service may have run on the other site last: move its MAC
+        // here before the guest's first reply (switches learn from frames).
+        env.announce();
+        env
+    }
+
     /// The replayer's checks so far: (digests, exits whose output was checked).
     pub fn checks(&self) -> Option<(u64, u64)> {
         match &self.mode {
@@ -191,6 +238,19 @@ impl FtEnv {
             self.disk_reads,
         )));
         Ok(())
+    }
+
+    /// Back to replay before exit `ordinal` (the old primary of a switchover).
+    fn become_backup(&mut self, ordinal: u64, plan: BackupPlan) {
+        let replay = Mode::Replaying(Box::new(Replayer::new(plan.source)));
+        if let Mode::Live(rec) = std::mem::replace(&mut self.mode, replay) {
+            let (world, _sink) = rec.into_parts();
+            self.live = Some(world);
+        }
+        tracing::warn!(
+            exit = ordinal,
+            "BACKUP: the machine replays the new primary's log from this exit"
+        );
     }
 
     /// Gratuitous ARP for the guest's address (learned from its own frames),
@@ -266,6 +326,11 @@ pub fn rarp(mac: [u8; 6]) -> Vec<u8> {
 
 impl Environment for FtEnv {
     fn exit(&mut self, ordinal: u64, point: &ExitPoint) -> Result<u64, EnvError> {
+        if matches!(self.mode, Mode::Live(_)) {
+            if let Some(plan) = self.go_live.take_backup_plan() {
+                self.become_backup(ordinal, plan);
+            }
+        }
         if let Mode::Replaying(r) = &mut self.mode {
             match r.exit(ordinal, point) {
                 Err(EnvError::LogEnded { .. }) => {

@@ -266,7 +266,7 @@ impl LogQueue {
     }
 
     /// Marks the open batch urgent: an output waits on it.
-    fn urge(&self) {
+    pub fn urge(&self) {
         let mut s = self.lock();
         if s.open_count > 0 && !s.urgent {
             s.urgent = true;
@@ -335,6 +335,24 @@ impl LogQueue {
             self.stats.backup_reporting.store(false, Ordering::Relaxed);
         }
         self.room.notify_all();
+    }
+
+    /// A new backup starts from the machine's state after the last entry:
+    /// drops every entry kept so far, keeps every later one until acked,
+    /// and returns the index of the last entry (the backup's starting
+    /// point). Called while the vCPU is stopped.
+    pub fn restart_for_backup(&self) -> u64 {
+        let mut s = self.lock();
+        Self::seal(&mut s);
+        s.sealed.clear();
+        s.bytes = 0;
+        s.retention = Retention::ForBackup;
+        let last = s.next_index - 1;
+        s.acked = last;
+        s.open_first = s.next_index;
+        self.stats.backup_reporting.store(false, Ordering::Relaxed);
+        self.room.notify_all();
+        last
     }
 
     /// The epoch this node now holds: batches sent from here on carry it.

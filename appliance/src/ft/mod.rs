@@ -11,6 +11,7 @@
 //! | [`output_gate`] | the output rule |
 //! | [`failure_detector`] | when a silent peer is declared failed |
 //! | [`go_live`] | a backup's switch from replay to the live world |
+//! | [`reprotect`] | a backup joining a running primary: disk diff, memory pre-copy, cut-over |
 //! | [`witness`] | claiming epochs: no answer is never a grant |
 //! | [`node_state`] | the durable epoch, role and fence |
 //! | [`status`] | what `/status` and `/metrics` report |
@@ -31,6 +32,7 @@ pub mod output_gate;
 pub mod pairing;
 pub mod proto;
 pub mod replay_queue;
+pub mod reprotect;
 pub mod role;
 pub mod status;
 pub mod witness;

@@ -77,14 +77,51 @@ pub fn check_hello(
             me.disk_reads.name()
         ));
     }
-    if hello.position.received == 0 && hello.disk_root != header.disk_root {
-        return Err(format!(
-            "the disks differ: the peer's disk root is {}, this log starts from a disk with root {}",
-            root_text(&hello.disk_root),
-            root_text(&header.disk_root)
-        ));
+    if hello.position.received == 0 {
+        if hello.position.ordinal != header.start_ordinal {
+            return Err(format!(
+                "the peer's machine is at exit {}, this log starts after exit {}: it cannot follow it without a full copy",
+                hello.position.ordinal, header.start_ordinal
+            ));
+        }
+        if hello.disk_root != header.disk_root {
+            return Err(format!(
+                "the disks differ: the peer's disk root is {}, this log starts from a disk with root {}",
+                root_text(&hello.disk_root),
+                root_text(&header.disk_root)
+            ));
+        }
     }
     Ok(())
+}
+
+/// The primary's checks of a backup asking to join: the same peer, cluster,
+/// versions, machine and disk-read mode (its disk and memory will be copied).
+pub fn check_join(
+    me: &Identity,
+    cert_name: &str,
+    hello: &Hello,
+    epoch: u64,
+    shape: &MachineShape,
+) -> Result<(), String> {
+    let header = LogHeader {
+        format_version: LOG_FORMAT_VERSION,
+        shape: shape.clone(),
+        disk_reads: me.disk_reads,
+        disk_root: hello.disk_root,
+        cluster: me.cluster.clone(),
+        epoch,
+        first_index: 1,
+        start_ordinal: hello.position.ordinal,
+    };
+    let as_follower = Hello {
+        position: crate::ft::proto::Position {
+            received: 0,
+            ordinal: hello.position.ordinal,
+        },
+        ..hello.clone()
+    };
+    check_hello(me, cert_name, &as_follower, epoch, &header)
 }
 
 /// The backup's checks of the primary's welcome. `epoch` is the epoch this
@@ -189,7 +226,11 @@ mod tests {
             shape: shape(),
             disk_root: Some([9; 32]),
             disk_reads: DiskReads::Ship,
-            position: Position { received: 0 },
+            position: Position {
+                received: 0,
+                ordinal: 0,
+            },
+            join: crate::ft::proto::JoinRequest::No,
         }
     }
 

@@ -72,8 +72,24 @@ pub struct Message {
 /// Where a backup stands, sent in its Hello so the primary resumes there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Position {
-    /// Index of the last log entry received (0: none, starting from power-on).
+    /// Index of the last log entry received (0: none yet).
     pub received: u64,
+    /// Exits its machine has made (0 from power-on; after a switchover, the
+    /// exit at which the roles swapped).
+    pub ordinal: u64,
+}
+
+/// Whether a backup asks for a full copy (re-protection) when it cannot
+/// follow the primary's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinRequest {
+    Invalid,
+    /// Only follow the log (from power-on, or resuming).
+    No,
+    /// Join if the primary's policy (`ft.reprotect = "auto"`) allows it.
+    IfAllowed,
+    /// An operator started this node with `--join`: join.
+    Operator,
 }
 
 /// The backup's opening message.
@@ -92,6 +108,7 @@ pub struct Hello {
     pub disk_root: Option<[u8; 32]>,
     pub disk_reads: DiskReads,
     pub position: Position,
+    pub join: JoinRequest,
 }
 
 /// The primary's acceptance.
@@ -141,6 +158,92 @@ pub enum Control {
     Goodbye {
         reason: String,
     },
+    /// Primary: the backup will be re-protected: a full copy over the sync
+    /// stream, then a Welcome at the cut-over.
+    JoinAccepted {
+        epoch: u64,
+        /// Leaves per group of the disk comparison.
+        group: u64,
+    },
+    /// Primary: a planned switchover: this node stopped at exit `ordinal`
+    /// after log entry `last_index` (its disk's root there is `disk_root`);
+    /// the backup takes over from there.
+    SwitchOver {
+        ordinal: u64,
+        last_index: u64,
+        disk_root: Option<[u8; 32]>,
+    },
+    /// Backup: it holds `epoch` now and runs from the switchover's exit.
+    SwitchedOver {
+        epoch: u64,
+    },
+}
+
+/// Frame kind of a re-protection (sync stream) message.
+pub const FRAME_SYNC: u8 = 4;
+/// Largest sync frame: a disk chunk (at most [`MAX_SYNC_CHUNK`]) or a batch
+/// of pages, with room for the header.
+pub const MAX_SYNC_FRAME: usize = 4 << 20;
+/// Disks with larger chunks cannot be re-protected over the sync stream.
+pub const MAX_SYNC_CHUNK: u64 = 2 << 20;
+
+/// Messages of re-protection's sync stream (docs/protocol.md, "Joining").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncMsg {
+    Invalid,
+    /// Joiner: group hashes of its disk (`first` is the first group's index).
+    Groups {
+        first: u64,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Joiner: every group hash was sent.
+    GroupsDone,
+    /// Primary: the groups whose hashes differ.
+    WantLeaves {
+        groups: Vec<u64>,
+    },
+    /// Joiner: the leaf hashes of one wanted group.
+    Leaves {
+        group: u64,
+        hashes: Vec<[u8; 32]>,
+    },
+    /// Primary: one chunk of its disk.
+    Chunk {
+        index: u64,
+        data: Vec<u8>,
+    },
+    /// Primary: pages `first..first+count`; empty `data` means all zero.
+    Pages {
+        first: u64,
+        count: u32,
+        data: Vec<u8>,
+    },
+    /// Primary: where the copy stands.
+    Progress {
+        round: u32,
+        disk_bytes_left: u64,
+        memory_bytes_left: u64,
+    },
+    /// Primary: the machine's state at the cut-over, and where its log
+    /// continues; the Welcome follows on the control stream.
+    State {
+        state: Vec<u8>,
+        header: LogHeader,
+    },
+}
+
+/// Encodes a sync message (no version of its own: the control stream's
+/// Hello agreed the protocol version).
+pub fn encode_sync(m: &SyncMsg) -> Result<Vec<u8>, ProtoError> {
+    postcard::to_stdvec(m).map_err(|e| ProtoError::Encode(e.to_string()))
+}
+
+pub fn decode_sync(payload: &[u8]) -> Result<SyncMsg, ProtoError> {
+    match postcard::from_bytes(payload) {
+        Ok(SyncMsg::Invalid) => Err(ProtoError::Invalid),
+        Ok(m) => Ok(m),
+        Err(e) => Err(ProtoError::Decode(e.to_string())),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

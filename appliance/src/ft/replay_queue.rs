@@ -109,6 +109,15 @@ impl ReplayQueue {
         self.lock().received
     }
 
+    /// The next entry is `first_index` (a copied backup follows the log
+    /// from its cut-over). Only while the queue is empty.
+    pub fn restart_at(&self, first_index: u64) {
+        let mut s = self.lock();
+        if s.entries.is_empty() {
+            s.received = first_index.saturating_sub(1);
+        }
+    }
+
     /// When the last batch arrived (the primary's last words).
     pub fn last_arrival(&self) -> Option<std::time::Instant> {
         self.lock().last_arrival

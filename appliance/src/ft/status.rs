@@ -54,6 +54,7 @@ pub struct StatusSources {
     pub replay: Mutex<Option<Arc<ReplayQueue>>>,
     pub divergence: Mutex<Option<Divergence>>,
     failover: Mutex<Option<Arc<super::go_live::GoLive>>>,
+    reprotect: Mutex<Option<super::reprotect::SharedProgress>>,
     witness: Mutex<Option<(Instant, WitnessAnswer)>>,
     commands: Mutex<Option<CommandHandler>>,
     /// Per-second rates, refreshed by [`StatusSources::sample`].
@@ -136,6 +137,8 @@ pub struct StatusReport {
     pub divergence: Option<Divergence>,
     pub replication_stopped: Option<String>,
     pub failover: Option<FailoverReport>,
+    /// The last (or current) join of a backup, from either side.
+    pub reprotect: Option<super::reprotect::Progress>,
     pub witness: Option<WitnessReport>,
     pub uptime_s: f64,
 }
@@ -185,6 +188,7 @@ impl StatusSources {
             replay: Mutex::new(None),
             divergence: Mutex::new(None),
             failover: Mutex::new(None),
+            reprotect: Mutex::new(None),
             witness: Mutex::new(None),
             commands: Mutex::new(None),
             rates: Mutex::new(Rates::default()),
@@ -226,6 +230,16 @@ impl StatusSources {
 
     pub fn set_failover(&self, g: Arc<super::go_live::GoLive>) {
         *self.failover.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
+    }
+
+    /// Where joins and re-protections stand (either side of one).
+    pub fn set_reprotect(&self, p: super::reprotect::SharedProgress) {
+        *self.reprotect.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+    }
+
+    /// A live node that became a backup again has no go-live to report.
+    pub fn clear_failover(&self) {
+        *self.failover.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     pub fn set_divergence(&self, d: Divergence) {
@@ -352,6 +366,13 @@ impl StatusSources {
                 .unwrap_or_else(|p| p.into_inner())
                 .as_deref()
                 .map(FailoverReport::from),
+            reprotect: self
+                .reprotect
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                .filter(|p| !p.phase.is_empty()),
             witness: self
                 .witness
                 .lock()
@@ -491,6 +512,23 @@ pub fn render_text(v: &serde_json::Value) -> String {
     }
     if let Some(r) = v.pointer("/replication_stopped").and_then(|x| x.as_str()) {
         let _ = writeln!(out, "  REPLICATION STOPPED: {r}");
+    }
+    if v.pointer("/reprotect").is_some_and(|x| !x.is_null()) {
+        let eta = match v.pointer("/reprotect/eta_s").and_then(|x| x.as_f64()) {
+            Some(e) => format!(", about {e:.0} s left"),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "  re-protection: {} (round {}); disk {:.1} MB copied, {:.1} MB left; memory {:.1} MB copied, {:.1} MB left{eta}; {} join(s) done",
+            s("/reprotect/phase"),
+            n("/reprotect/round"),
+            n("/reprotect/disk_bytes_copied") / 1e6,
+            n("/reprotect/disk_bytes_left") / 1e6,
+            n("/reprotect/memory_bytes_copied") / 1e6,
+            n("/reprotect/memory_bytes_left") / 1e6,
+            n("/reprotect/joins_completed")
+        );
     }
     out
 }
