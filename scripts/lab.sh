@@ -8,7 +8,7 @@
 #   scripts/lab.sh relay [--prefix P] [--dir D] -- (set|block|unblock) ROUTE|all [fwd|rev|both] [delay=MS jitter=MS loss=P] | status
 #   scripts/lab.sh exec  [--prefix P] a|b|w|c|wan -- COMMAND...
 #   scripts/lab.sh start [--prefix P] [--dir D] witness|a|b [-- ARGS...]   (e.g. a -- --primary)
-#   scripts/lab.sh kill  [--prefix P] [--dir D] witness|a|b [SIGNAL]
+#   scripts/lab.sh kill  [--prefix P] [--dir D] witness|a|b [SIGNAL]   (KILL: returns at once)
 #   scripts/lab.sh status [--prefix P] [--dir D] a|b      (the node's /status JSON)
 #   scripts/lab.sh reset [--prefix P] [--dir D] [--from a|b]
 #
@@ -25,7 +25,7 @@
 # /var/log/ftvm are private directories under D/hosts/<host>/, so a role
 # installs to the paths a real host has and the machine's own are never
 # touched (empty mount points are created if missing). D/hosts/ssh_config
-# names them node-a, node-b and witness (user root, a key of the lab's own,
+# names them node-a, node-b and witness-c (user root, a key of the lab's own,
 # their host keys pinned); `ssh -F D/hosts/ssh_config node-a` reaches site
 # A through `ip netns exec` and socat.
 #
@@ -151,7 +151,7 @@ hosts_up() {
   : >"$abs/known_hosts"
   cat >"$abs/ssh_config" <<EOT
 # The lab's hosts (scripts/lab.sh up --hosts, prefix $P).
-Host node-a node-b witness
+Host node-a node-b witness-c
   User root
   IdentityFile $abs/id_ed25519
   IdentitiesOnly yes
@@ -159,8 +159,11 @@ Host node-a node-b witness
   StrictHostKeyChecking yes
   BatchMode yes
   LogLevel ERROR
+  ControlMaster auto
+  ControlPath $abs/cm-%C
+  ControlPersist 60
 EOT
-  for h in a:node-a b:node-b w:witness; do
+  for h in a:node-a b:node-b w:witness-c; do
     site=${h%%:*} name=${h#*:}
     mkdir -p "$abs/$name"
     binds=
@@ -192,7 +195,7 @@ EOT
       sh -c "$binds exec /usr/sbin/sshd -D -f $abs/$name/sshd_config -E $abs/$name/sshd.log" \
       </dev/null >/dev/null 2>&1 &
   done
-  for name in node-a node-b witness; do
+  for name in node-a node-b witness-c; do
     for _ in $(seq 100); do
       ssh -F "$abs/ssh_config" "$name" true 2>/dev/null && continue 2
       sleep 0.1
@@ -200,7 +203,7 @@ EOT
     echo "lab: the sshd of $name does not answer (see $abs/$name/sshd.log)" >&2
     exit 1
   done
-  echo "lab: hosts node-a, node-b, witness: ssh -F $abs/ssh_config HOST"
+  echo "lab: hosts node-a, node-b, witness-c: ssh -F $abs/ssh_config HOST"
 }
 
 write_drill_targets() {
@@ -300,7 +303,17 @@ case "$cmd" in
     [ "${1:-}" = "--" ] && shift
     start_proc "$who" "$@"
     ;;
-  kill) kill_proc "${1:?kill witness|a|b}" "${2:-TERM}" ;;
+  kill)
+    who=${1:?kill witness|a|b}
+    if [ "${2:-TERM}" = KILL ]; then
+      # A crash, for drills: return once the signal is sent (a killed VMM
+      # takes seconds to vanish, and the drill counts the fault from our
+      # return). The pidfile stays, so `reset` still waits for the exit.
+      [ -f "$D/$who.pid" ] && kill -KILL "$(cat "$D/$who.pid")" 2>/dev/null || true
+    else
+      kill_proc "$who" "${2:-TERM}"
+    fi
+    ;;
   status) ns "${1:?status a|b}" "$FTVM" status --json --config "$(cd "$D" && pwd)/node-$1.toml" ;;
   reset)
     from=

@@ -58,7 +58,10 @@ pub struct CaptureTargets {
     pub b: String,
 }
 
-/// The targets file.
+/// The targets file. The commands that inject a fault (`kill`,
+/// `kill_witness`, `partition_sites`, `isolate_a`, `isolate_b`) must return
+/// as soon as the fault is in place (a kill once the signal is sent, not
+/// when the process is gone): the drill counts the fault from their return.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Targets {
