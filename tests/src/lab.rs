@@ -78,6 +78,18 @@ impl Lab {
     /// Builds a lab in a fresh temporary directory with `delay_ms` one-way
     /// delay on every relay route.
     pub fn up(delay_ms: u64) -> Result<Lab> {
+        Lab::create(delay_ms, &[])
+    }
+
+    /// [`Lab::up`] with sites A and B and the witness site as SSH hosts
+    /// (`lab.sh up --hosts`): node-a, node-b and witness-c in
+    /// [`Lab::ssh_config`], each with private /etc/ftvm, /var/lib/ftvm,
+    /// /opt/ftvm, /run/ftvm and /var/log/ftvm.
+    pub fn up_with_hosts(delay_ms: u64) -> Result<Lab> {
+        Lab::create(delay_ms, &["--hosts"])
+    }
+
+    fn create(delay_ms: u64, extra: &[&str]) -> Result<Lab> {
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("lab");
         let prefix = format!(
@@ -92,8 +104,24 @@ impl Lab {
             witness: None,
             nodes: [None, None],
         };
-        lab.script(&["up", "--delay-ms", &delay_ms.to_string()])?;
+        let delay = delay_ms.to_string();
+        let mut args = vec!["up", "--delay-ms", &delay];
+        args.extend_from_slice(extra);
+        lab.script(&args)?;
         Ok(lab)
+    }
+
+    /// The ssh_config naming the lab's hosts (after [`Lab::up_with_hosts`]).
+    pub fn ssh_config(&self) -> PathBuf {
+        self.dir.join("hosts/ssh_config")
+    }
+
+    /// Runs `command` on lab host `host` over SSH; its stdout.
+    pub fn ssh(&self, host: &str, command: &[&str]) -> Result<String> {
+        let mut c = Command::new("ssh");
+        c.arg("-F").arg(self.ssh_config()).arg(host).args(command);
+        let out = checked(c)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn script(&self, args: &[&str]) -> Result<Output> {
