@@ -322,18 +322,27 @@ impl Lab {
 
     /// The tails of every process's logs, for failure messages.
     pub fn logs(&self) -> String {
+        self.tails(
+            &[
+                "witness.out",
+                "witness.err",
+                "node-a.out",
+                "node-a.err",
+                "node-b.out",
+                "node-b.err",
+            ],
+            25,
+        )
+    }
+
+    /// The last `n` lines of each of `files` (relative to the lab's
+    /// directory), for failure messages.
+    pub fn tails(&self, files: &[&str], n: usize) -> String {
         let mut out = String::new();
-        for name in [
-            "witness.out",
-            "witness.err",
-            "node-a.out",
-            "node-a.err",
-            "node-b.out",
-            "node-b.err",
-        ] {
+        for name in files {
             let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(25)..];
+            let tail = &lines[lines.len().saturating_sub(n)..];
             out.push_str(&format!(
                 "--- {name} (last {} lines)\n{}\n",
                 tail.len(),

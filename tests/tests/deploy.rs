@@ -43,22 +43,14 @@ fn ansible_deploys_the_lab_pair_and_runs_drills() {
 
 /// The tails of the services' logs on the lab hosts, for failure messages.
 fn host_logs(lab: &Lab) -> String {
-    let mut out = String::new();
-    for log in [
-        "node-a/var-log-ftvm/ftvm.log",
-        "node-b/var-log-ftvm/ftvm.log",
-        "witness-c/var-log-ftvm/ftvm-witness.log",
-    ] {
-        let text = std::fs::read_to_string(lab.dir.join("hosts").join(log)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(40)..];
-        out.push_str(&format!(
-            "--- {log} (last {} lines)\n{}\n",
-            tail.len(),
-            tail.join("\n")
-        ));
-    }
-    out
+    lab.tails(
+        &[
+            "hosts/node-a/var-log-ftvm/ftvm.log",
+            "hosts/node-b/var-log-ftvm/ftvm.log",
+            "hosts/witness-c/var-log-ftvm/ftvm-witness.log",
+        ],
+        40,
+    )
 }
 
 /// One lab and its playbook runs.
