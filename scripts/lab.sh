@@ -3,12 +3,12 @@
 # site and a client, each a network namespace; a WAN relay between the
 # sites (tests/src/bin/wan-relay.rs: delay, jitter, loss, partitions).
 #
-#   scripts/lab.sh up    [--prefix P] [--dir D] [--delay-ms N] [--witness ftvm|etcd]
+#   scripts/lab.sh up    [--prefix P] [--dir D] [--delay-ms N] [--witness ftvm|etcd] [--hosts]
 #   scripts/lab.sh down  [--prefix P] [--dir D]
 #   scripts/lab.sh relay [--prefix P] [--dir D] -- (set|block|unblock) ROUTE|all [fwd|rev|both] [delay=MS jitter=MS loss=P] | status
 #   scripts/lab.sh exec  [--prefix P] a|b|w|c|wan -- COMMAND...
 #   scripts/lab.sh start [--prefix P] [--dir D] witness|a|b|etcd-a|etcd-b|etcd-w [-- ARGS...]   (e.g. a -- --primary)
-#   scripts/lab.sh kill  [--prefix P] [--dir D] witness|a|b|etcd-a|etcd-b|etcd-w [SIGNAL]
+#   scripts/lab.sh kill  [--prefix P] [--dir D] witness|a|b|etcd-a|etcd-b|etcd-w [SIGNAL]   (KILL: returns at once)
 #   scripts/lab.sh status [--prefix P] [--dir D] a|b      (the node's /status JSON)
 #   scripts/lab.sh switchover [--prefix P] [--dir D] a|b  (asks that node, the primary, to hand over)
 #   scripts/lab.sh reset [--prefix P] [--dir D] [--from a|b]
@@ -19,6 +19,17 @@
 # their state and gives both sites a copy of one site's disk (default: the
 # site that was live last), ready for a fresh pair. `up` also writes
 # D/drill.toml, the targets file of `ftvm drill` for this lab.
+#
+# `up --hosts` also makes sites A and B and the witness site SSH-reachable
+# "hosts" for deployment tests (ansible/inventories/lab): each runs its own
+# sshd (on 127.0.0.1:22 inside its namespace) in a mount namespace of its
+# own, where /etc/ftvm, /var/lib/ftvm, /opt/ftvm, /run/ftvm and
+# /var/log/ftvm are private directories under D/hosts/<host>/, so a role
+# installs to the paths a real host has and the machine's own are never
+# touched (empty mount points are created if missing). D/hosts/ssh_config
+# names them node-a, node-b and witness-c (user root, a key of the lab's own,
+# their host keys pinned); `ssh -F D/hosts/ssh_config node-a` reaches site
+# A through `ip netns exec` and socat.
 #
 # Defaults: P=ftvm, D=lab-out. `up` creates D with a development PKI, the
 # lab configs from examples/lab/ (machine.image pointed at the built ftkv),
@@ -70,12 +81,14 @@ P=ftvm
 D=lab-out
 DELAY=0
 WITNESS=ftvm
+HOSTS=
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) P=$2; shift 2 ;;
     --dir) D=$2; shift 2 ;;
     --delay-ms) DELAY=$2; shift 2 ;;
     --witness) WITNESS=$2; shift 2 ;;
+    --hosts) HOSTS=1; shift ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -290,6 +303,7 @@ up() {
   [ -S "$D/relay.sock" ] || { echo "lab: the relay did not start (see $D/relay.log)" >&2; exit 1; }
   [ "$WITNESS" = etcd ] && etcd_up
   write_drill_targets
+  [ -z "$HOSTS" ] || hosts_up
   echo "lab: up (prefix $P, dir $D, one-way delay ${DELAY} ms, witness $WITNESS)"
   if [ "$WITNESS" = etcd ]; then
     echo "lab:   witness: etcd members running: $(etcd_endpoints w)"
@@ -299,6 +313,73 @@ up() {
   echo "lab:   site A:  ip netns exec $P-a $FTVM run --config $D/node-a.toml --primary"
   echo "lab:   site B:  ip netns exec $P-b $FTVM run --config $D/node-b.toml"
   echo "lab:   client:  ip netns exec $P-c redis-cli -h 10.0.2.15 PING"
+}
+
+# The private paths of a lab host: mount point and directory name.
+HOST_PATHS="/etc/ftvm:etc-ftvm /var/lib/ftvm:var-lib-ftvm /opt/ftvm:opt-ftvm /run/ftvm:run-ftvm /var/log/ftvm:var-log-ftvm"
+
+hosts_up() {
+  local abs h site name mp sub binds
+  abs=$(cd "$D" && pwd)/hosts
+  mkdir -p "$abs" /run/sshd
+  [ -f "$abs/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C "ftvm-lab-$P" -f "$abs/id_ed25519"
+  cp "$abs/id_ed25519.pub" "$abs/authorized_keys"
+  : >"$abs/known_hosts"
+  cat >"$abs/ssh_config" <<EOT
+# The lab's hosts (scripts/lab.sh up --hosts, prefix $P).
+Host node-a node-b witness-c
+  User root
+  IdentityFile $abs/id_ed25519
+  IdentitiesOnly yes
+  UserKnownHostsFile $abs/known_hosts
+  StrictHostKeyChecking yes
+  BatchMode yes
+  LogLevel ERROR
+  ControlMaster auto
+  ControlPath $abs/cm-%C
+  ControlPersist 60
+EOT
+  for h in a:node-a b:node-b w:witness-c; do
+    site=${h%%:*} name=${h#*:}
+    mkdir -p "$abs/$name"
+    binds=
+    for mp in $HOST_PATHS; do
+      sub=${mp#*:} mp=${mp%%:*}
+      mkdir -p "$abs/$name/$sub" "$mp"
+      binds="$binds mount --bind $abs/$name/$sub $mp &&"
+    done
+    [ -f "$abs/$name/ssh_host_ed25519_key" ] ||
+      ssh-keygen -q -t ed25519 -N '' -C "$name" -f "$abs/$name/ssh_host_ed25519_key"
+    echo "$name $(cut -d' ' -f1-2 "$abs/$name/ssh_host_ed25519_key.pub")" >>"$abs/known_hosts"
+    cat >"$abs/$name/sshd_config" <<EOT
+ListenAddress 127.0.0.1:22
+HostKey $abs/$name/ssh_host_ed25519_key
+PidFile $abs/$name/sshd.pid
+AuthorizedKeysFile $abs/authorized_keys
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PrintMotd no
+Subsystem sftp internal-sftp
+EOT
+    printf 'Host %s\n  ProxyCommand ip netns exec %s socat STDIO TCP:127.0.0.1:22\n' \
+      "$name" "$P-$site" >>"$abs/ssh_config"
+    # `down` stops it with everything else in the namespace.
+    ip netns exec "$P-$site" unshare -m --propagation private \
+      sh -c "$binds exec /usr/sbin/sshd -D -f $abs/$name/sshd_config -E $abs/$name/sshd.log" \
+      </dev/null >/dev/null 2>&1 &
+  done
+  for name in node-a node-b witness-c; do
+    for _ in $(seq 100); do
+      ssh -F "$abs/ssh_config" "$name" true 2>/dev/null && continue 2
+      sleep 0.1
+    done
+    echo "lab: the sshd of $name does not answer (see $abs/$name/sshd.log)" >&2
+    exit 1
+  done
+  echo "lab: hosts node-a, node-b, witness-c: ssh -F $abs/ssh_config HOST"
 }
 
 write_drill_targets() {
@@ -351,6 +432,14 @@ EOT
 start_proc() { # start_proc witness|a|b|etcd-a|etcd-b|etcd-w ARGS...
   local who; who=$(proc_name "$1"); shift
   local abs; abs=$(cd "$D" && pwd)
+  # A process sent KILL by `kill` may still be exiting (its TAP and files
+  # stay busy until it has): wait for it; refuse to start beside a live one.
+  if [ -f "$abs/$who.pid" ]; then
+    local old; old=$(cat "$abs/$who.pid")
+    for _ in $(seq 300); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$old" 2>/dev/null; then echo "lab: $who is still running (pid $old)" >&2; exit 1; fi
+    rm -f "$abs/$who.pid"
+  fi
   # `ip netns exec` execs the program: $! is the program's own pid.
   case "$who" in
     etcd-a|etcd-b|etcd-w) start_member "${who#etcd-}"; return ;;
@@ -418,7 +507,19 @@ case "$cmd" in
     [ "${1:-}" = "--" ] && shift
     start_proc "$who" "$@"
     ;;
-  kill) kill_proc "${1:?kill witness|a|b|etcd-a|etcd-b|etcd-w}" "${2:-TERM}" ;;
+  kill)
+    who=${1:?kill witness|a|b|etcd-a|etcd-b|etcd-w}
+    if [ "${2:-TERM}" = KILL ]; then
+      # A crash, for drills: return once the signal is sent (a killed VMM
+      # takes seconds to vanish, and the drill counts the fault from our
+      # return). The pidfile stays, so `start` and `reset` still wait for
+      # the exit.
+      pidfile="$D/$(proc_name "$who").pid"
+      [ -f "$pidfile" ] && kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
+    else
+      kill_proc "$who" "${2:-TERM}"
+    fi
+    ;;
   status) ns "${1:?status a|b}" "$FTVM" status --json --config "$(cd "$D" && pwd)/node-$1.toml" ;;
   switchover) ns "${1:?switchover a|b}" "$FTVM" switchover --config "$(cd "$D" && pwd)/node-$1.toml" ;;
   reset)

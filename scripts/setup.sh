@@ -19,14 +19,21 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+# Deployment tests (tests/tests/deploy.rs): lab hosts are namespaces with
+# their own sshd, reached through socat; systemd-analyze checks the units.
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"
   $SUDO apt-get update -qq
-  # redis-server's and etcd-server's packages would start system-wide servers
-  # (etcd on the default ports 2379/2380): tests start their own.
-  if [[ " ${need[*]} " == *" redis-server "* || " ${need[*]} " == *" etcd-server "* ]] &&
-    [ ! -e /usr/sbin/policy-rc.d ]; then
+  # redis-server's, etcd-server's and openssh-server's packages would start
+  # system-wide servers (etcd on the default ports 2379/2380, sshd on 22):
+  # tests start their own.
+  if [[ " ${need[*]} " == *" redis-server "* || " ${need[*]} " == *" etcd-server "* ||
+    " ${need[*]} " == *" openssh-server "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod +x /usr/sbin/policy-rc.d
     trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
@@ -49,6 +56,22 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade redis
 echo "setup: redis-py $("$venv/bin/python" -c 'import redis; print(redis.__version__)') in $venv"
+
+# Ansible for the deployment tests and the playbooks in ansible/, pinned to
+# releases that run on this Python (3.11: ansible-core 2.19 is the last
+# series for it), in a venv of its own: tests look for it at
+# target/ansible-venv (or $FTVM_ANSIBLE_VENV).
+ANSIBLE_CORE=2.19.14
+ANSIBLE_LINT=26.10.1
+avenv="$(cd "$(dirname "$0")/.." && pwd)/target/ansible-venv"
+[ -x "$avenv/bin/python" ] || python3 -m venv "$avenv"
+have=$("$avenv/bin/python" -m pip list --disable-pip-version-check --format=freeze 2>/dev/null || true)
+if ! grep -qx "ansible-core==$ANSIBLE_CORE" <<<"$have" || ! grep -qx "ansible-lint==$ANSIBLE_LINT" <<<"$have"; then
+  echo "setup: installing ansible-core $ANSIBLE_CORE and ansible-lint $ANSIBLE_LINT into $avenv"
+  "$avenv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "ansible-core==$ANSIBLE_CORE" "ansible-lint==$ANSIBLE_LINT"
+fi
+echo "setup: $("$avenv/bin/ansible-playbook" --version | head -1) in $avenv"
 
 if [ ! -e /dev/kvm ]; then
   echo "setup: warning: /dev/kvm is missing; KVM tests will print SKIPPED" >&2

@@ -125,6 +125,18 @@ impl Lab {
     /// and answering when this returns; `ftvm-witness` is started by
     /// [`Lab::start_witness`] or a drill).
     pub fn up_with(delay_ms: u64, witness: Witness) -> Result<Lab> {
+        Lab::create(delay_ms, witness, &[])
+    }
+
+    /// [`Lab::up`] with sites A and B and the witness site as SSH hosts
+    /// (`lab.sh up --hosts`): node-a, node-b and witness-c in
+    /// [`Lab::ssh_config`], each with private /etc/ftvm, /var/lib/ftvm,
+    /// /opt/ftvm, /run/ftvm and /var/log/ftvm.
+    pub fn up_with_hosts(delay_ms: u64) -> Result<Lab> {
+        Lab::create(delay_ms, Witness::Ftvm, &["--hosts"])
+    }
+
+    fn create(delay_ms: u64, witness: Witness, extra: &[&str]) -> Result<Lab> {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("lab");
@@ -142,13 +154,10 @@ impl Lab {
             nodes: [None, None],
             _turn: turn,
         };
-        lab.script(&[
-            "up",
-            "--delay-ms",
-            &delay_ms.to_string(),
-            "--witness",
-            witness.arg(),
-        ])?;
+        let delay = delay_ms.to_string();
+        let mut args = vec!["up", "--delay-ms", &delay, "--witness", witness.arg()];
+        args.extend_from_slice(extra);
+        lab.script(&args)?;
         let t = TEST_FAILURE_TIMEOUT_MS.to_string();
         for s in [Site::A, Site::B] {
             lab.set_ft(s, "failure_timeout_ms", &t)?;
@@ -163,6 +172,19 @@ impl Lab {
             ),
         )?;
         Ok(lab)
+    }
+
+    /// The ssh_config naming the lab's hosts (after [`Lab::up_with_hosts`]).
+    pub fn ssh_config(&self) -> PathBuf {
+        self.dir.join("hosts/ssh_config")
+    }
+
+    /// Runs `command` on lab host `host` over SSH; its stdout.
+    pub fn ssh(&self, host: &str, command: &[&str]) -> Result<String> {
+        let mut c = Command::new("ssh");
+        c.arg("-F").arg(self.ssh_config()).arg(host).args(command);
+        let out = checked(c)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn script(&self, args: &[&str]) -> Result<Output> {
@@ -376,16 +398,23 @@ impl Lab {
 
     /// The tails of every process's logs, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
         let witness: &[&str] = match self.witness_kind {
             Witness::Ftvm => &["witness.out", "witness.err"],
             Witness::Etcd => &["etcd-a.log", "etcd-b.log", "etcd-w.log"],
         };
         let nodes = ["node-a.out", "node-a.err", "node-b.out", "node-b.err"];
-        for name in witness.iter().chain(&nodes) {
+        let files: Vec<&str> = witness.iter().chain(&nodes).copied().collect();
+        self.tails(&files, 25)
+    }
+
+    /// The last `n` lines of each of `files` (relative to the lab's
+    /// directory), for failure messages.
+    pub fn tails(&self, files: &[&str], n: usize) -> String {
+        let mut out = String::new();
+        for name in files {
             let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(25)..];
+            let tail = &lines[lines.len().saturating_sub(n)..];
             out.push_str(&format!(
                 "--- {name} (last {} lines)\n{}\n",
                 tail.len(),

@@ -1,6 +1,7 @@
 //! Helpers shared by ftvm's end-to-end tests and the `bench` binary: locating
 //! the built binaries, and writing benchmark tables into docs/BENCHMARKS.md.
 
+pub mod ansible;
 pub mod bench_ftkv;
 pub mod bench_machine;
 pub mod bench_witness;

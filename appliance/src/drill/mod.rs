@@ -64,7 +64,10 @@ pub struct CaptureTargets {
     pub b: String,
 }
 
-/// The targets file.
+/// The targets file. The commands that inject a fault (`kill`,
+/// `kill_witness`, `partition_sites`, `isolate_a`, `isolate_b`) must return
+/// as soon as the fault is in place (a kill once the signal is sent, not
+/// when the process is gone): the drill counts the fault from their return.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Targets {
@@ -200,6 +203,15 @@ fn is_live(r: &str) -> bool {
     r == "primary" || r == "solo"
 }
 
+/// A node's role and when it entered it (its status's `role_since_s`,
+/// counted back from when the status command returned).
+fn role_entered(t: &Targets, s: Side) -> Option<(String, Instant)> {
+    let v = status(t, s)?;
+    let read = Instant::now();
+    let since = Duration::try_from_secs_f64(v["role_since_s"].as_f64()?).ok()?;
+    Some((role(&Some(v)), read.checked_sub(since)?))
+}
+
 /// Polls until `pred(role a, role b)` holds; returns when it was seen.
 fn wait_roles(
     t: &Targets,
@@ -246,6 +258,9 @@ pub struct Iteration {
     pub first_reply_after_fault_ms: Option<f64>,
     /// Fault to the new live site's role change (from its status).
     pub fault_to_live_ms: Option<f64>,
+    /// How long the command that injected the fault took (the fault landed
+    /// within that time before the moment the report counts from).
+    pub fault_command_ms: f64,
     pub failover: Option<serde_json::Value>,
     pub writes_acknowledged: u64,
     pub writes_lost: u64,
@@ -264,6 +279,18 @@ pub struct Iteration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// The one site whose node is live, if exactly one is.
+fn live_side(t: &Targets) -> Option<Side> {
+    match (
+        is_live(&role(&status(t, Side::A))),
+        is_live(&role(&status(t, Side::B))),
+    ) {
+        (true, false) => Some(Side::A),
+        (false, true) => Some(Side::B),
+        _ => None,
+    }
 }
 
 /// Makes sure a healthy pair runs (a fresh one from `disk_from`'s disk if
@@ -301,7 +328,9 @@ fn ensure_pair(t: &Targets, disk_from: Side) -> Result<Side> {
 pub fn run(t: &Targets, o: &DrillOptions) -> Result<Vec<Iteration>> {
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let mut all = Vec::new();
-    let mut disk_from = Side::A;
+    // A fresh pair starts from the disk of the site that is live now (a
+    // previous drill's survivor holds writes the other site never saw).
+    let mut disk_from = live_side(t).unwrap_or(Side::A);
     for i in 1..=o.repeat {
         let seed = o.seed.wrapping_add(u64::from(i));
         let primary = ensure_pair(t, disk_from)?;
@@ -349,47 +378,33 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
     );
     std::thread::sleep(Duration::from_millis(rng.gen_range(1000..3000)));
     let mut problems = Vec::new();
-    // The fault counts from when its command returned (a kill returns once
-    // the process is gone, a cut once the relay drops).
-    let fault: Instant;
     let mut restarted = None;
     let mut nobody_live = None;
-    let expected = match o.scenario {
-        Scenario::KillPrimary => {
-            run_cmd(&t.site(primary).kill, &[])?;
-            fault = Instant::now();
-            backup
-        }
-        Scenario::KillBackup => {
-            run_cmd(&t.site(backup).kill, &[])?;
-            fault = Instant::now();
-            primary
-        }
-        Scenario::PartitionSites => {
-            run_cmd(&t.partition_sites, &[])?;
-            fault = Instant::now();
-            // Both sites still reach the witness: either may win the race.
-            primary
-        }
+    // The fault counts from when its command returned: a remote command
+    // (ssh to a site) can take a second to land, and requests answered
+    // meanwhile by the old primary are no failover.
+    let inject = |cmd: &Cmd| -> Result<Instant> {
+        run_cmd(cmd, &[])?;
+        Ok(Instant::now())
+    };
+    let issued = Instant::now();
+    let (expected, fault) = match o.scenario {
+        Scenario::KillPrimary => (backup, inject(&t.site(primary).kill)?),
+        Scenario::KillBackup => (primary, inject(&t.site(backup).kill)?),
+        // Both sites still reach the witness: either may win the race.
+        Scenario::PartitionSites => (primary, inject(&t.partition_sites)?),
         Scenario::IsolatePrimary => {
             let cut = if primary == Side::A {
                 &t.isolate_a
             } else {
                 &t.isolate_b
             };
-            run_cmd(cut, &[])?;
-            fault = Instant::now();
-            backup
+            (backup, inject(cut)?)
         }
-        Scenario::KillWitness => {
-            run_cmd(&t.kill_witness, &[])?;
-            fault = Instant::now();
-            primary
-        }
+        Scenario::KillWitness => (primary, inject(&t.kill_witness)?),
         Scenario::PartitionAndWitnessDown => {
             run_cmd(&t.kill_witness, &[])?;
-            run_cmd(&t.partition_sites, &[])?;
-            fault = Instant::now();
+            let fault = inject(&t.partition_sites)?;
             // Without the witness nobody may go live, however long it takes.
             std::thread::sleep(timeout * 3);
             let (a, b) = (role(&status(t, Side::A)), role(&status(t, Side::B)));
@@ -405,16 +420,16 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
             }
             nobody_live = Some(ok);
             run_cmd(&t.start_witness, &[])?;
-            primary
+            (primary, fault)
         }
         Scenario::Hiccup => {
-            run_cmd(&t.partition_sites, &[])?;
-            fault = Instant::now();
+            let fault = inject(&t.partition_sites)?;
             std::thread::sleep(timeout / 2);
             run_cmd(&t.heal_sites, &[])?;
-            primary
+            (primary, fault)
         }
     };
+    let fault_command_ms = ms(fault.duration_since(issued));
     // Wait for the outcome.
     let outcome = match o.scenario {
         Scenario::KillWitness | Scenario::Hiccup => {
@@ -442,7 +457,17 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
     if let Err(e) = &outcome {
         problems.push(e.to_string());
     }
-    let fault_to_live = outcome.ok().map(|seen| ms(seen.duration_since(fault)));
+    // When the live site took its role, by its own clock: polling status
+    // through a slow command (ssh) sees it late.
+    let fault_to_live = outcome.ok().map(|seen| {
+        let entered = [Side::A, Side::B]
+            .into_iter()
+            .filter_map(|s| role_entered(t, s))
+            .filter(|(r, at)| is_live(r) && *at > fault)
+            .map(|(_, at)| at)
+            .min();
+        ms(entered.unwrap_or(seen).duration_since(fault))
+    });
     // Heal what the scenario cut, so the losing site can be seen fenced.
     if matches!(
         o.scenario,
@@ -602,6 +627,7 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
         expected_live_after: expected,
         first_reply_after_fault_ms: first_reply,
         fault_to_live_ms: fault_to_live,
+        fault_command_ms,
         failover,
         writes_acknowledged,
         writes_lost,

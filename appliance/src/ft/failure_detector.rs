@@ -111,6 +111,9 @@ impl FailureDetector {
             ));
         }
         if never {
+            // Entries logged before any backup existed have waited for
+            // nobody: the clock of a stuck ack starts when one attaches.
+            self.ack_moved = Instant::now();
             return Verdict::Alive;
         }
         let stuck = self.ack_moved.elapsed();
@@ -161,5 +164,31 @@ mod tests {
         );
         link.acked.store(5, Ordering::Relaxed);
         assert_eq!(d.check_backup(5), Verdict::Alive);
+    }
+
+    #[test]
+    fn a_first_backup_that_attaches_late_gets_its_own_timeout_to_ack() {
+        let link = Arc::new(LinkState::default());
+        // A timeout far longer than any pause between two lines here.
+        let timeout = Duration::from_secs(1);
+        let mut d = FailureDetector::new(link.clone(), timeout)
+            .with_first_backup_grace(Duration::from_secs(600));
+        // The primary logs for longer than the timeout with no backup yet.
+        for _ in 0..4 {
+            std::thread::sleep(timeout / 3);
+            assert_eq!(d.check_backup(100), Verdict::Alive);
+        }
+        // Its first backup attaches: it has not acked the old entries yet.
+        link.touch();
+        link.sessions.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(d.check_backup(100), Verdict::Alive);
+        // Still nothing acked a timeout later: now it is stuck.
+        std::thread::sleep(timeout + timeout / 5);
+        link.touch();
+        let v = d.check_backup(100);
+        assert!(
+            matches!(&v, Verdict::Failed(w) if w.contains("not receiving")),
+            "{v:?}"
+        );
     }
 }

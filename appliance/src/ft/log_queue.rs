@@ -238,6 +238,9 @@ impl LogQueue {
             .store(clock_ns, Ordering::Relaxed);
         let mut slept: Option<Instant> = None;
         loop {
+            // Only a primary that keeps entries for its backup paces: a solo
+            // one never waits (Retention::BestEffort), whatever the last
+            // backup said before it went.
             let paced = {
                 let s = self.lock();
                 !s.stopping && s.retention == Retention::ForBackup
@@ -547,5 +550,36 @@ mod tests {
         }
         assert_eq!(q.last_index(), 99);
         assert!(q.fill().0 < BATCH_TARGET);
+    }
+
+    #[test]
+    fn a_lagging_backup_slows_the_vcpu_but_never_a_solo_primarys() {
+        let q = LogQueue::new(
+            1,
+            1,
+            1 << 20,
+            Retention::ForBackup,
+            Duration::from_millis(10),
+        );
+        // The backup last reported replaying at 1 ns; the primary is at 10 s.
+        q.stats.replayed_clock_ns.store(1, Ordering::Relaxed);
+        q.stats.backup_reporting.store(true, Ordering::Relaxed);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let q2 = q.clone();
+        std::thread::spawn(move || {
+            q2.pace(10_000_000_000);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done.recv_timeout(Duration::from_millis(100)).is_err(),
+            "the vCPU waits for the lagging backup"
+        );
+        // The backup went away and the primary went solo: the last lag it
+        // reported no longer holds the vCPU back.
+        q.set_retention(Retention::BestEffort);
+        done.recv_timeout(Duration::from_secs(60))
+            .expect("a solo primary's vCPU still waits for its departed backup");
+        q.pace(20_000_000_000);
+        assert!(q.stats.slowed_us.load(Ordering::Relaxed) > 0);
     }
 }
