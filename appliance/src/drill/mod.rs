@@ -169,6 +169,12 @@ pub enum Scenario {
     KillWitness,
     PartitionAndWitnessDown,
     Hiccup,
+    /// A planned switchover (`ftvm switchover` on the primary): the roles
+    /// swap and the pair stays protected.
+    Switchover,
+    /// Kill the primary, fail over, restart the killed node with `--join`:
+    /// it re-protects the survivor.
+    Rejoin,
 }
 
 impl Scenario {
@@ -181,6 +187,8 @@ impl Scenario {
             Scenario::KillWitness => "kill-witness",
             Scenario::PartitionAndWitnessDown => "partition-and-witness-down",
             Scenario::Hiccup => "hiccup",
+            Scenario::Switchover => "switchover",
+            Scenario::Rejoin => "rejoin",
         }
     }
 }
@@ -270,6 +278,12 @@ pub struct Iteration {
     pub two_live_moments: Option<u64>,
     pub restarted_node_fenced: Option<bool>,
     pub nobody_live_while_witness_down: Option<bool>,
+    /// The worst latency of a request answered after the fault: the pause
+    /// clients saw.
+    pub worst_latency_after_fault_ms: Option<f64>,
+    /// Rejoin: the live node's re-protection progress once the pair was
+    /// protected again (bytes copied, rounds, cut-over pause).
+    pub reprotect: Option<serde_json::Value>,
     /// Every request: (seconds since the fault, latency ms, answered).
     #[serde(skip)]
     pub latencies: Vec<(f64, f64, bool)>,
@@ -428,6 +442,19 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
             run_cmd(&t.heal_sites, &[])?;
             (primary, fault)
         }
+        // A switchover's pause starts when it is asked for; the command
+        // returns once the roles have swapped.
+        Scenario::Switchover => {
+            let cmd = t.site(primary).switchover.as_ref().with_context(|| {
+                format!(
+                    "the targets file has no `switchover` command for site {}",
+                    primary.key()
+                )
+            })?;
+            run_cmd(cmd, &[])?;
+            (backup, issued)
+        }
+        Scenario::Rejoin => (backup, inject(&t.site(primary).kill)?),
     };
     let fault_command_ms = ms(fault.duration_since(issued));
     // Wait for the outcome.
@@ -445,6 +472,10 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
             limit,
             |a, b| (is_live(a) && b == "fenced") || (is_live(b) && a == "fenced"),
         ),
+        Scenario::Switchover => wait_roles(t, "the roles to swap", limit, |a, b| {
+            let (p, q) = if expected == Side::A { (a, b) } else { (b, a) };
+            p == "primary" && q == "backup"
+        }),
         // The primary goes solo once it declared its backup failed.
         Scenario::KillBackup => wait_roles(t, "the primary to go solo", limit, |a, b| {
             (if expected == Side::A { a } else { b }) == "solo"
@@ -478,6 +509,17 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
     if o.scenario == Scenario::KillWitness {
         run_cmd(&t.start_witness, &[])?;
     }
+    let reprotect = if o.scenario == Scenario::Rejoin {
+        match rejoin(t, primary, expected, limit) {
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(e.to_string());
+                None
+            }
+        }
+    } else {
+        None
+    };
     std::thread::sleep(o.settle);
     let (sa, sb) = (status(t, Side::A), status(t, Side::B));
     let live_after = match (is_live(&role(&sa)), is_live(&role(&sb))) {
@@ -580,6 +622,11 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
             (at, lat, r.end.is_some() && r.error.is_none())
         })
         .collect();
+    let worst_latency_after_fault_ms = records
+        .iter()
+        .filter(|r| r.error.is_none())
+        .filter_map(|r| r.end.filter(|e| *e >= fault).map(|e| ms(e - r.start)))
+        .reduce(f64::max);
     let connections_broken = history.broken.load(std::sync::atomic::Ordering::Relaxed);
     let two_live_moments = frames.as_ref().and_then(|f| {
         let winner = live_after?;
@@ -637,10 +684,39 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
         two_live_moments,
         restarted_node_fenced: restarted,
         nobody_live_while_witness_down: nobody_live,
+        worst_latency_after_fault_ms,
+        reprotect,
         latencies,
         passed: problems.is_empty(),
         problems,
     })
+}
+
+/// Restarts the killed `old` site with `--join` and waits until it is the
+/// backup of `live` again; returns the live node's re-protection progress.
+fn rejoin(
+    t: &Targets,
+    old: Side,
+    live: Side,
+    limit: Duration,
+) -> Result<Option<serde_json::Value>> {
+    let join = t.site(old).join.as_ref().with_context(|| {
+        format!(
+            "the targets file has no `join` command for site {}",
+            old.key()
+        )
+    })?;
+    run_cmd(join, &[])?;
+    wait_roles(
+        t,
+        "the rejoined node to protect the survivor",
+        limit,
+        |a, b| {
+            let (p, q) = if live == Side::A { (a, b) } else { (b, a) };
+            p == "primary" && q == "backup"
+        },
+    )?;
+    Ok(status(t, live).and_then(|v| v.get("reprotect").cloned()))
 }
 
 fn load_start(records: &[load::Record]) -> Option<Instant> {

@@ -147,18 +147,19 @@ pub fn write_summary(dir: &Path, all: &[Iteration]) -> Result<()> {
     }
     let _ = writeln!(
         md,
-        "| # | primary before | live after | fault → first reply (ms) | fault → live (ms) | writes acked | lost | linearizable | broken conns | two-live frames | result |"
+        "| # | primary before | live after | fault → first reply (ms) | fault → live (ms) | worst pause (ms) | writes acked | lost | linearizable | broken conns | two-live frames | result |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for i in all {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             i.iteration,
             i.primary_before.key(),
             i.live_after.map_or("none", |s| s.key()),
             opt(i.first_reply_after_fault_ms),
             opt(i.fault_to_live_ms),
+            opt(i.worst_latency_after_fault_ms),
             i.writes_acknowledged,
             i.writes_lost,
             if i.linearizable == "linearizable" {
@@ -190,6 +191,28 @@ pub fn write_summary(dir: &Path, all: &[Iteration]) -> Result<()> {
             times[times.len() - 1],
             times.len()
         );
+    }
+    let joins: Vec<&serde_json::Value> = all.iter().filter_map(|i| i.reprotect.as_ref()).collect();
+    if !joins.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n| # | disk bytes copied | chunks differing | memory bytes copied | pre-copy rounds | cut-over pause (ms) |\n|---|---|---|---|---|---|"
+        );
+        for i in all {
+            if let Some(r) = &i.reprotect {
+                let n = |k: &str| r.get(k).map_or("-".into(), |x| x.to_string());
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    i.iteration,
+                    n("disk_bytes_copied"),
+                    n("disk_chunks_differing"),
+                    n("memory_bytes_copied"),
+                    n("round"),
+                    n("last_pause_ms")
+                );
+            }
+        }
     }
     let _ = writeln!(
         md,

@@ -995,6 +995,17 @@ impl Node {
                     // stop is replayed, this node claims the next epoch.
                     let p = &f.queue.progress;
                     use std::sync::atomic::Ordering::Relaxed;
+                    if p.ordinal.load(Relaxed) > sw.ordinal {
+                        // The primary gave up waiting and went on: so does
+                        // this node, as its backup.
+                        tracing::warn!(
+                            exit = sw.ordinal,
+                            "planned switchover abandoned by the primary; following its log again"
+                        );
+                        f.switch = None;
+                        f.detector.reset();
+                        return Ok(None);
+                    }
                     if p.ordinal.load(Relaxed) == sw.ordinal
                         && f.queue.received() >= sw.last_index
                         && p.replayed.load(Relaxed) >= sw.last_index
@@ -1004,8 +1015,16 @@ impl Node {
                             self.state.record().epoch,
                             format!("planned switchover at exit {}", sw.ordinal),
                         );
+                        return Ok(None);
                     }
-                    return Ok(None);
+                    if let Verdict::Failed(why) = f.detector.check_primary() {
+                        // The primary went silent before the handover
+                        // completed: an ordinary failover from here.
+                        tracing::warn!(%why, "the primary went silent during a planned switchover");
+                        f.switch = None;
+                    } else {
+                        return Ok(None);
+                    }
                 }
                 if self.link.goodbye.load(std::sync::atomic::Ordering::Relaxed) {
                     return Ok(None);
@@ -1048,14 +1067,21 @@ impl Node {
             return;
         }
         if let Verdict::Failed(why) = live.detector.check_backup(live.queue.last_index()) {
-            self.role
-                .apply_quiet(Event::PeerFailed { why: why.clone() });
-            live.channel.set_accepting(false);
-            live.channel
-                .close_session(CLOSE_SHUTDOWN, "declared failed");
-            live.claiming = true;
-            self.spawn_claim(self.role.get().epoch, format!("going solo: {why}"));
+            self.drop_backup(live, why);
         }
+    }
+
+    /// The backup is declared failed: stop talking to it (no more acks, so
+    /// held outputs stay held) and claim the next epoch; granted, this node
+    /// runs solo, denied, it fences (`on_claim`).
+    fn drop_backup(&mut self, live: &mut Live, why: String) {
+        self.role
+            .apply_quiet(Event::PeerFailed { why: why.clone() });
+        live.channel.set_accepting(false);
+        live.channel
+            .close_session(CLOSE_SHUTDOWN, "declared failed");
+        live.claiming = true;
+        self.spawn_claim(self.role.get().epoch, format!("going solo: {why}"));
     }
 
     /// Acts on a witness answer. `Some(reason)`: this node lost the epoch.
@@ -1299,6 +1325,10 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        // From here the backup may claim the next epoch and go live from
+        // this exit: this node may not simply go on in this epoch. If the
+        // handover fails it drops the backup and claims the next epoch
+        // itself; the witness grants it to one of the two.
         if !self
             .rt
             .block_on(live.channel.tell_backup(Control::SwitchOver {
@@ -1307,7 +1337,8 @@ impl Node {
                 disk_root,
             }))
         {
-            return Err("the backup is gone; switchover abandoned".into());
+            self.drop_backup(live, "the backup was lost during a switchover".into());
+            return Err("the backup is gone: switchover abandoned; this node claims the next epoch to go on solo (if it is denied, the backup is live and this node fences)".into());
         }
         // The backup replays to here, claims the next epoch and says so.
         let wait =
@@ -1316,12 +1347,8 @@ impl Node {
         let epoch = loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                // It did not answer: this node goes on; if the backup did take
-                // over, this node's held outputs never leave and its failure
-                // detector loses the next claim (safety holds).
-                return Err(
-                    "the backup did not take over in time; this node goes on as primary".into(),
-                );
+                self.drop_backup(live, "the backup did not take over in a switchover".into());
+                return Err("the backup did not take over in time: switchover abandoned; this node claims the next epoch to go on solo (if it is denied, the backup is live and this node fences)".into());
             }
             match self.events.recv_timeout(left.min(TICK)) {
                 Ok(NodeEvent::Link(LinkEvent::SwitchedOver { epoch })) => break epoch,

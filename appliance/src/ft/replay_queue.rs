@@ -115,6 +115,9 @@ impl ReplayQueue {
         let mut s = self.lock();
         if s.entries.is_empty() {
             s.received = first_index.saturating_sub(1);
+            // Replay positions are log indices: the entries before the
+            // cut-over are in the copied machine already.
+            self.progress.replayed.store(s.received, Ordering::Relaxed);
         }
     }
 
@@ -389,6 +392,20 @@ mod tests {
                 missing: 3
             })
         );
+    }
+
+    #[tokio::test]
+    async fn a_queue_restarted_at_a_cut_over_counts_log_indices() {
+        // A joined backup follows the log from entry 100: its replay
+        // position is that index, not a count from 1 (a switchover waits
+        // for the position to reach the primary's last index).
+        let q = ReplayQueue::new(1, 1 << 20);
+        q.restart_at(100);
+        let mut src = q.source();
+        assert_eq!(q.push(100, vec![exit(7, false)], 10).await, Ok(100));
+        assert_eq!(src.next_entry().unwrap(), Some(exit(7, false)));
+        assert_eq!(q.progress.replayed.load(Ordering::Relaxed), 100);
+        assert_eq!(q.received(), 100);
     }
 
     #[test]
