@@ -187,7 +187,17 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn script(&self, args: &[&str]) -> Result<Output> {
+    /// Whether a lab test `test` can run here (KVM, root, redis-cli, the
+    /// witness's tools); prints why not.
+    pub fn ready(test: &str, witness: Witness) -> bool {
+        crate::kvm_available(test)
+            && crate::site::root_available(test)
+            && crate::site::tool_available(test, "redis-cli", "redis-tools")
+            && witness.missing().is_none_or(|why| crate::skip(test, &why))
+    }
+
+    /// Runs `scripts/lab.sh ARGS[0] --prefix P --dir D ARGS[1..]` on this lab.
+    pub fn script(&self, args: &[&str]) -> Result<Output> {
         let mut c = Command::new("bash");
         c.arg(script())
             .arg(args[0])
@@ -440,6 +450,62 @@ impl Lab {
             Ok(self.cli(&["PING"]).is_ok_and(|o| o == "PONG"))
         })
         .map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
+    }
+
+    /// Runs `ftvm drill` against the lab and checks what every drill checks
+    /// (passed, nothing lost or broken, linearizable, never two live sites);
+    /// panics otherwise. Returns each iteration's report.
+    pub fn drill(&self, scenario: &str, repeat: u32, seed: u64) -> Vec<serde_json::Value> {
+        let lab = self;
+        let out = lab.dir.join(format!("drill-{scenario}"));
+        let run = Command::new(crate::bin("ftvm"))
+            .args(["drill", "--targets"])
+            .arg(lab.dir.join("drill.toml"))
+            .args(["--scenario", scenario, "--repeat", &repeat.to_string()])
+            .args([
+                "--seed",
+                &seed.to_string(),
+                "--settle",
+                "6",
+                "--clients",
+                "6",
+                "--out",
+            ])
+            .arg(&out)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        let report = std::fs::read_to_string(out.join("report.json")).unwrap_or_else(|e| {
+            panic!(
+                "no report ({e}): {}\n{}\n{}",
+                String::from_utf8_lossy(&run.stdout),
+                String::from_utf8_lossy(&run.stderr),
+                lab.logs()
+            )
+        });
+        let all: Vec<serde_json::Value> = serde_json::from_str(&report).unwrap();
+        assert_eq!(all.len(), repeat as usize);
+        for it in &all {
+            let problems = &it["problems"];
+            assert_eq!(
+                it["passed"],
+                true,
+                "{scenario} #{}: {problems}\n{}\n{}",
+                it["iteration"],
+                String::from_utf8_lossy(&run.stdout),
+                lab.logs()
+            );
+            // The drill's checks, restated: nothing a client saw was lost.
+            assert_eq!(it["writes_lost"], 0, "{it}");
+            assert_eq!(it["connections_broken"], 0, "{it}");
+            assert_eq!(it["linearizable"], "linearizable", "{it}");
+            assert_eq!(it["two_live_moments"], 0, "{it}");
+            assert!(it["writes_acknowledged"].as_u64() > Some(100), "{it}");
+            assert!(it["first_reply_after_fault_ms"].is_number(), "{it}");
+        }
+        assert!(run.status.success());
+        assert!(out.join(format!("{scenario}-1.svg")).exists());
+        all
     }
 
     /// Starts the witness, the primary on A and the backup on B, and waits

@@ -7,18 +7,7 @@
 //! sample; the 20-kill runs are `bench failover` (docs/BENCHMARKS.md).
 
 use ftvm_tests::lab::{wait_until, Lab, Site, Witness};
-use ftvm_tests::site;
 use ftvm_witness::etcd::EpochRecord;
-use std::process::Command;
-
-fn ready(test: &str, witness: Witness) -> bool {
-    ftvm_tests::kvm_available(test)
-        && site::root_available(test)
-        && site::tool_available(test, "redis-cli", "redis-tools")
-        && witness
-            .missing()
-            .is_none_or(|why| ftvm_tests::skip(test, &why))
-}
 
 /// With an etcd witness: the cluster's record in etcd names the node live
 /// after drill iteration `it` as the holder of the epoch it runs in (its
@@ -52,63 +41,10 @@ fn assert_etcd_holder(lab: &Lab, it: &serde_json::Value) {
     );
 }
 
-/// Runs a drill against `lab`; returns each iteration's report.
-fn drill(lab: &Lab, scenario: &str, repeat: u32, seed: u64) -> Vec<serde_json::Value> {
-    let out = lab.dir.join(format!("drill-{scenario}"));
-    let run = Command::new(ftvm_tests::bin("ftvm"))
-        .args(["drill", "--targets"])
-        .arg(lab.dir.join("drill.toml"))
-        .args(["--scenario", scenario, "--repeat", &repeat.to_string()])
-        .args([
-            "--seed",
-            &seed.to_string(),
-            "--settle",
-            "6",
-            "--clients",
-            "6",
-            "--out",
-        ])
-        .arg(&out)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    let report = std::fs::read_to_string(out.join("report.json")).unwrap_or_else(|e| {
-        panic!(
-            "no report ({e}): {}\n{}\n{}",
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr),
-            lab.logs()
-        )
-    });
-    let all: Vec<serde_json::Value> = serde_json::from_str(&report).unwrap();
-    assert_eq!(all.len(), repeat as usize);
-    for it in &all {
-        let problems = &it["problems"];
-        assert_eq!(
-            it["passed"],
-            true,
-            "{scenario} #{}: {problems}\n{}\n{}",
-            it["iteration"],
-            String::from_utf8_lossy(&run.stdout),
-            lab.logs()
-        );
-        // The drill's checks, restated: nothing a client saw was lost.
-        assert_eq!(it["writes_lost"], 0, "{it}");
-        assert_eq!(it["connections_broken"], 0, "{it}");
-        assert_eq!(it["linearizable"], "linearizable", "{it}");
-        assert_eq!(it["two_live_moments"], 0, "{it}");
-        assert!(it["writes_acknowledged"].as_u64() > Some(100), "{it}");
-        assert!(it["first_reply_after_fault_ms"].is_number(), "{it}");
-    }
-    assert!(run.status.success());
-    assert!(out.join(format!("{scenario}-1.svg")).exists());
-    all
-}
-
 /// Runs `scenario` in a fresh lab with `witness`, unless the lab cannot
 /// run here.
 fn in_lab(test: &str, witness: Witness, scenario: fn(&Lab)) {
-    if ready(test, witness) {
+    if Lab::ready(test, witness) {
         scenario(&Lab::up_with(0, witness).unwrap());
     }
 }
@@ -133,7 +69,7 @@ macro_rules! with_each_witness {
 /// (with etcd: the lab's reset deletes the epoch key, so the pair starts
 /// at epoch 0 again).
 fn kill_primary(lab: &Lab) {
-    let all = drill(lab, "kill-primary", 2, 11);
+    let all = lab.drill("kill-primary", 2, 11);
     for it in &all {
         assert_eq!(it["live_after"], it["expected_live_after"], "{it}");
         assert_ne!(it["live_after"], it["primary_before"], "{it}");
@@ -149,7 +85,7 @@ with_each_witness!(kill_primary:
     etcd_witness_kill_primary_twice_loses_nothing_and_the_old_primary_stays_fenced);
 
 fn kill_backup(lab: &Lab) {
-    let it = &drill(lab, "kill-backup", 1, 12)[0];
+    let it = &lab.drill("kill-backup", 1, 12)[0];
     assert_eq!(it["live_after"], it["primary_before"], "{it}");
     assert_eq!(it["restarted_node_fenced"], true, "{it}");
     let a = lab.status(Site::A).unwrap();
@@ -165,7 +101,7 @@ with_each_witness!(kill_backup:
 /// With etcd, cutting the sites also cuts etcd-a from etcd-b: the members
 /// keep a majority through etcd-w.
 fn partition_sites(lab: &Lab) {
-    let it = &drill(lab, "partition-sites", 1, 13)[0];
+    let it = &lab.drill("partition-sites", 1, 13)[0];
     let live = it["live_after"].as_str().unwrap();
     let other = if live == "a" { Site::B } else { Site::A };
     assert_eq!(lab.status(other).unwrap()["role"], "fenced", "{it}");
@@ -179,7 +115,7 @@ with_each_witness!(partition_sites:
 /// With etcd, site A's cut leaves etcd-a a minority of one: node-a gets no
 /// answer; node-b claims through etcd-b and etcd-w.
 fn isolate_primary(lab: &Lab) {
-    let it = &drill(lab, "isolate-primary", 1, 14)[0];
+    let it = &lab.drill("isolate-primary", 1, 14)[0];
     assert_eq!(it["live_after"], "b", "{it}");
     assert_eq!(lab.status(Site::A).unwrap()["role"], "fenced", "{it}");
     assert_etcd_holder(lab, it);
@@ -192,7 +128,7 @@ with_each_witness!(isolate_primary:
 /// With etcd the drill's witness is etcd-w: with it down and the sites cut,
 /// etcd-a and etcd-b are each a minority of one, so nobody may go live.
 fn witness_down(lab: &Lab) {
-    let it = &drill(lab, "partition-and-witness-down", 1, 15)[0];
+    let it = &lab.drill("partition-and-witness-down", 1, 15)[0];
     assert_eq!(it["nobody_live_while_witness_down"], true, "{it}");
     assert_etcd_holder(lab, it);
 }
@@ -206,7 +142,7 @@ with_each_witness!(witness_down:
 fn dead_witness_and_hiccup(lab: &Lab) {
     let mut last = serde_json::Value::Null;
     for scenario in ["kill-witness", "hiccup"] {
-        let it = drill(lab, scenario, 1, 16).remove(0);
+        let it = lab.drill(scenario, 1, 16).remove(0);
         assert_eq!(it["live_after"], it["primary_before"], "{scenario}: {it}");
         assert!(
             it["failover"].is_null(),
