@@ -2,12 +2,14 @@
 //! the built binaries, and writing benchmark tables into docs/BENCHMARKS.md.
 
 pub mod ansible;
+pub mod bench_drills;
 pub mod bench_ftkv;
 pub mod bench_machine;
 pub mod bench_witness;
 pub mod etcd_lab;
 pub mod lab;
 pub mod report;
+pub mod reprotect;
 pub mod site;
 
 use std::path::PathBuf;

@@ -6,47 +6,9 @@
 //! broken connections, linearizability and two-live moments; the long runs
 //! and the pause figures are `bench reprotect` (docs/BENCHMARKS.md).
 
-use ftvm_storage::{merkle, DiskImage};
 use ftvm_tests::lab::{wait_until, Lab, Site, Witness};
-use std::path::Path;
+use ftvm_tests::reprotect::{disk_root, fresh_disk, resync};
 use std::time::{Duration, Instant};
-
-/// The lab's disk chunk size (the config's default).
-const CHUNK: u64 = 65536;
-
-fn ftvm(args: &[&str]) -> String {
-    let out = std::process::Command::new(ftvm_tests::bin("ftvm"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ftvm {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Replaces `img` with a new, empty image of `size`.
-fn fresh_disk(img: &Path, size: &str) {
-    let _ = std::fs::remove_file(img);
-    ftvm(&["disk", "create", img.to_str().unwrap(), "--size", size]);
-}
-
-fn disk_root(img: &Path) -> String {
-    ftvm(&["disk", "hash", img.to_str().unwrap()])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// Bytes in the chunks where images `a` and `b` differ.
-fn changed_bytes(a: &Path, b: &Path) -> u64 {
-    let a = DiskImage::open_read_only(a, CHUNK).unwrap();
-    let b = DiskImage::open_read_only(b, CHUNK).unwrap();
-    merkle::diff(a.chunk_hashes(), b.chunk_hashes())
-        .unwrap()
-        .iter()
-        .map(|r| (r.end - r.start) * CHUNK)
-        .sum()
-}
 
 fn role(lab: &Lab, site: Site) -> String {
     lab.status(site)
@@ -124,15 +86,15 @@ fn rejoin_after_failover_and_five_switchovers_lose_nothing() {
         lab.logs()
     );
     assert_eq!(
-        disk_root(&lab.dir.join("node-a.img")),
-        disk_root(&lab.dir.join("node-b.img"))
+        disk_root(&lab.dir.join("node-a.img")).unwrap(),
+        disk_root(&lab.dir.join("node-b.img")).unwrap()
     );
 }
 
 /// The third check, with `ft.reprotect = "auto"`: the backup goes
 /// away, 10 MiB are written on a 1 GiB disk, the backup restarts without
 /// `--join` and the survivor takes it back; the disk bytes sent are within
-/// 2x of the chunks that changed.
+/// 2x of the chunks that changed, and the disks end identical.
 #[test]
 fn auto_reprotect_sends_only_the_changed_disk_chunks() {
     let test = "auto_reprotect_sends_only_the_changed_disk_chunks";
@@ -140,47 +102,17 @@ fn auto_reprotect_sends_only_the_changed_disk_chunks() {
         return;
     }
     let mut lab = Lab::up(0).unwrap();
-    let (img_a, img_b) = (lab.dir.join("node-a.img"), lab.dir.join("node-b.img"));
-    fresh_disk(&img_a, "1G");
-    std::fs::copy(&img_a, &img_b).unwrap();
-    for s in [Site::A, Site::B] {
-        lab.set_ft(s, "reprotect", "\"auto\"").unwrap();
-    }
-    lab.start_pair().unwrap();
-    assert_eq!(lab.cli(&["SET", "before", "1"]).unwrap(), "OK");
-
-    lab.stop_node(Site::B, libc::SIGKILL).unwrap();
-    lab.wait_status(Site::A, "the primary to go solo", |v| v["role"] == "solo")
-        .unwrap();
-    let stale = lab.dir.join("stale-b.img");
-    std::fs::copy(&img_b, &stale).unwrap();
-    let value = "v".repeat(64 * 1024);
-    for i in 0..160 {
-        assert_eq!(lab.cli(&["SET", &format!("big{i}"), &value]).unwrap(), "OK");
-    }
-
-    lab.start_node(Site::B, &[]).unwrap();
-    let a = lab
-        .wait_status(Site::A, "the survivor to be protected again", |v| {
-            v["role"] == "primary" && v["reprotect"]["joins_completed"].as_u64() >= Some(1)
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    assert_eq!(role(&lab, Site::B), "backup");
-    assert_eq!(lab.cli(&["GET", "big159"]).unwrap(), value);
-    let sent = a["reprotect"]["disk_bytes_copied"].as_u64().unwrap();
-
-    assert_eq!(lab.stop_node(Site::A, libc::SIGTERM).unwrap(), Some(0));
-    assert_eq!(lab.wait_node(Site::B).unwrap(), Some(0));
-    assert_eq!(disk_root(&img_a), disk_root(&img_b));
-    let changed = changed_bytes(&stale, &img_a);
+    let r = resync(&mut lab, "1G", 10).unwrap_or_else(|e| panic!("{e:#}\n{}", lab.logs()));
     eprintln!(
-        "disk resync: {sent} bytes sent for {changed} bytes of changed chunks ({:.2}x)",
-        sent as f64 / changed as f64
+        "disk resync: {} bytes sent for {} bytes of changed chunks ({:.2}x)",
+        r.disk_bytes_sent,
+        r.changed_bytes,
+        r.disk_bytes_sent as f64 / r.changed_bytes as f64
     );
-    assert!(changed >= 10 << 20, "only {changed} bytes changed");
+    assert!(r.changed_bytes >= 10 << 20, "{r:?}");
     assert!(
-        sent > 0 && sent <= 2 * changed,
-        "{sent} sent, {changed} changed"
+        r.disk_bytes_sent > 0 && r.disk_bytes_sent <= 2 * r.changed_bytes,
+        "{r:?}"
     );
 }
 
@@ -220,7 +152,7 @@ fn an_interrupted_join_leaves_the_primary_serving_and_a_retry_completes() {
     lab.wait_status(Site::A, "the primary to go solo", |v| v["role"] == "solo")
         .unwrap();
     let img_b = lab.dir.join("node-b.img");
-    fresh_disk(&img_b, "64M");
+    fresh_disk(&img_b, "64M").unwrap();
 
     // Kill the joiner mid-copy (a join can finish before it is seen
     // copying: then the backup leaves and joins again).

@@ -706,8 +706,9 @@ fn rejoin(
             old.key()
         )
     })?;
+    let started = Instant::now();
     run_cmd(join, &[])?;
-    wait_roles(
+    let done = wait_roles(
         t,
         "the rejoined node to protect the survivor",
         limit,
@@ -716,7 +717,15 @@ fn rejoin(
             p == "primary" && q == "backup"
         },
     )?;
-    Ok(status(t, live).and_then(|v| v.get("reprotect").cloned()))
+    let mut progress = status(t, live).and_then(|v| v.get("reprotect").cloned());
+    // From the join command (a process start) to a protected pair.
+    if let Some(serde_json::Value::Object(p)) = progress.as_mut() {
+        p.insert(
+            "join_to_protected_ms".into(),
+            serde_json::json!(ms(done.duration_since(started))),
+        );
+    }
+    Ok(progress)
 }
 
 fn load_start(records: &[load::Record]) -> Option<Instant> {

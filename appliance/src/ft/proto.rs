@@ -45,7 +45,7 @@ use crate::replay::log::{DiskReads, LogHeader, MachineShape};
 use serde::{Deserialize, Serialize};
 
 /// The log channel protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Frame kind of a control message.
 pub const FRAME_CONTROL: u8 = 3;
 /// Largest control frame payload.

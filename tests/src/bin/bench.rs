@@ -1,4 +1,4 @@
-//! `bench [machine|witness|all] [--quick]`: runs benchmark groups against the
+//! `bench [machine|witness|ftkv|failover|reprotect|all] [--quick]`: runs benchmark groups against the
 //! release binaries next to this executable, prints each group's table and
 //! writes it into its own section of docs/BENCHMARKS.md.
 //!
@@ -34,9 +34,19 @@ const GROUPS: &[Group] = &[
         needs: &["ftvm"],
         run: ftvm_tests::bench_ftkv::run,
     },
+    Group {
+        name: "failover",
+        needs: &["ftvm", "ftvm-witness", "wan-relay"],
+        run: ftvm_tests::bench_drills::failover,
+    },
+    Group {
+        name: "reprotect",
+        needs: &["ftvm", "ftvm-witness", "wan-relay"],
+        run: ftvm_tests::bench_drills::reprotect,
+    },
 ];
 
-const USAGE: &str = "usage: bench [machine|witness|ftkv|all] [--quick]";
+const USAGE: &str = "usage: bench [machine|witness|ftkv|failover|reprotect|all] [--quick]";
 
 fn main() -> ExitCode {
     match real_main() {
