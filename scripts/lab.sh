@@ -432,9 +432,10 @@ EOT
 start_proc() { # start_proc witness|a|b|etcd-a|etcd-b|etcd-w ARGS...
   local who; who=$(proc_name "$1"); shift
   local abs; abs=$(cd "$D" && pwd)
-  # A process sent KILL by `kill` may still be exiting (its TAP and files
-  # stay busy until it has): wait for it; refuse to start beside a live one.
-  if [ -f "$abs/$who.pid" ]; then
+  # A node or witness sent KILL by `kill` may still be exiting (its TAP and
+  # files stay busy until it has): wait for it; refuse to start beside a
+  # live one. (etcd members: start_member checks for itself.)
+  if [ -f "$abs/$who.pid" ] && { [ "$who" = a ] || [ "$who" = b ] || [ "$who" = witness ]; }; then
     local old; old=$(cat "$abs/$who.pid")
     for _ in $(seq 300); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$old" 2>/dev/null; then echo "lab: $who is still running (pid $old)" >&2; exit 1; fi

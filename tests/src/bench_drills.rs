@@ -6,7 +6,7 @@
 //! changed). Every number comes from the drills' own reports.
 
 use crate::lab::Lab;
-use crate::report::Table;
+use crate::report::{quantile, Table};
 use anyhow::Result;
 use serde_json::Value;
 use std::path::Path;
@@ -14,16 +14,6 @@ use std::path::Path;
 /// The product's default failure timeout, ms.
 const FAILURE_TIMEOUT_MS: u64 = 2000;
 const DELAYS_MS: [u64; 2] = [0, 20];
-
-/// `p`-quantile (0..=1) of `v` by nearest rank; NaN if empty.
-fn quantile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
 
 fn p50_p99(v: &[f64]) -> String {
     format!("{:.0} / {:.0}", quantile(v, 0.5), quantile(v, 0.99))

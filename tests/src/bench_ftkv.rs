@@ -21,15 +21,15 @@ use std::time::Duration;
 
 /// One redis-benchmark test result.
 #[derive(Debug, Clone)]
-struct Result1 {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(crate) struct BenchResult {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 /// Parses redis-benchmark `--csv` output (one line per test, quoted fields:
 /// test, rps, avg, min, p50, p95, p99, max).
-fn parse_csv(text: &str) -> Vec<(String, Result1)> {
+pub(crate) fn parse_csv(text: &str) -> Vec<(String, BenchResult)> {
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(',').map(|x| x.trim_matches('"')).collect();
@@ -38,7 +38,7 @@ fn parse_csv(text: &str) -> Vec<(String, Result1)> {
             }
             Some((
                 f[0].to_string(),
-                Result1 {
+                BenchResult {
                     rps: f[1].parse().ok()?,
                     p50_ms: f[4].parse().ok()?,
                     p99_ms: f[6].parse().ok()?,
@@ -55,7 +55,7 @@ fn benchmark(
     server: Server,
     args: &[&str],
     tests: usize,
-) -> Result<Vec<(String, Result1)>> {
+) -> Result<Vec<(String, BenchResult)>> {
     let out = ns
         .command("timeout")
         .args(["600", "redis-benchmark", "--csv"])
@@ -291,7 +291,7 @@ pub fn run(bin_dir: &Path, quick: bool) -> Result<String> {
     for pipeline in ["1", "16"] {
         let pair = Pair::start(&ftvm, &dir.path().join(format!("p{pipeline}")))?;
         // Per test (SET, GET): per-round results of each server.
-        let mut results: Vec<(String, Vec<Result1>, Vec<Result1>)> = Vec::new();
+        let mut results: Vec<(String, Vec<BenchResult>, Vec<BenchResult>)> = Vec::new();
         for round in 0..plan.rounds {
             for server in Server::order(round) {
                 let args = ["-t", "set,get", "-c", "50", "-n", &n, "-P", pipeline];
@@ -311,7 +311,8 @@ pub fn run(bin_dir: &Path, quick: bool) -> Result<String> {
         let requests = (2 * plan.rounds) as f64 * f64::from(plan.requests);
         for (name, native, vm) in &results {
             let ratios: Vec<f64> = native.iter().zip(vm).map(|(a, b)| b.rps / a.rps).collect();
-            let med = |v: &[Result1], f: fn(&Result1) -> f64| median(v.iter().map(f).collect());
+            let med =
+                |v: &[BenchResult], f: fn(&BenchResult) -> f64| median(v.iter().map(f).collect());
             table.row(vec![
                 name.clone(),
                 pipeline.to_string(),

@@ -370,18 +370,45 @@ impl Lab {
 
     /// The node's `/status` document.
     pub fn status(&self, site: Site) -> Result<serde_json::Value> {
-        let out = self
-            .command(site.letter(), crate::bin("ftvm"))
-            .args(["status", "--json", "--config"])
-            .arg(self.config(site))
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "status of {site:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        self.status_command(site)()
+    }
+
+    /// Reads the node's `/status` when called; owns what it needs, so it
+    /// can run on another thread.
+    pub fn status_command(
+        &self,
+        site: Site,
+    ) -> impl Fn() -> Result<serde_json::Value> + Send + 'static {
+        let ns = self.ns(site.letter());
+        let config = self.config(site);
+        move || {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .arg(crate::bin("ftvm"))
+                .args(["status", "--json", "--config"])
+                .arg(&config)
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "status of {site:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(serde_json::from_slice(&out.stdout)?)
         }
-        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Stops both nodes and the witness, and starts over from `site`'s
+    /// disk (`lab.sh reset --from`): state forgotten, both disks equal.
+    pub fn reset_from(&mut self, site: Site) -> Result<()> {
+        for g in self
+            .nodes
+            .iter_mut()
+            .chain(std::iter::once(&mut self.witness))
+        {
+            drop(g.take());
+        }
+        self.script(&["reset", "--from", site.letter()]).map(drop)
     }
 
     /// Waits until the node's status satisfies `pred`.

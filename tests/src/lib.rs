@@ -5,6 +5,7 @@ pub mod ansible;
 pub mod bench_drills;
 pub mod bench_ftkv;
 pub mod bench_machine;
+pub mod bench_pair;
 pub mod bench_witness;
 pub mod etcd_lab;
 pub mod lab;

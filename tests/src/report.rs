@@ -46,6 +46,16 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The `p`-quantile (0..=1) of `v` by nearest rank (NaN if empty).
+pub fn quantile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
 /// `median [min-max]` of per-round values, with `digits` decimals.
 pub fn median_range(v: &[f64], digits: usize) -> String {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);

@@ -347,14 +347,18 @@ impl PrimaryChannel {
         }
     }
 
-    /// Sends `m` to the attached backup, if any.
-    pub async fn tell_backup(&self, m: Control) -> bool {
-        let tx = self
-            .session
+    /// The control channel to the attached backup, if any.
+    fn backup_sender(&self) -> Option<mpsc::Sender<Control>> {
+        self.session
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|a| a.to_backup.clone());
+            .map(|a| a.to_backup.clone())
+    }
+
+    /// Sends `m` to the attached backup, if any.
+    pub async fn tell_backup(&self, m: Control) -> bool {
+        let tx = self.backup_sender();
         match tx {
             Some(tx) => tx.send(m).await.is_ok(),
             None => false,
@@ -734,12 +738,7 @@ impl PrimaryChannel {
 
     /// Tells the backup this node is stopping and the log ends.
     pub async fn say_goodbye(&self, reason: &str) {
-        let tx = self
-            .session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|a| a.to_backup.clone());
+        let tx = self.backup_sender();
         if let Some(tx) = tx {
             let _ = tx
                 .send(Control::Goodbye {

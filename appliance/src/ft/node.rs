@@ -38,7 +38,7 @@ use super::status::{Divergence, FailoverReport, StatusSources};
 use super::witness::{claim, ClaimResult};
 use crate::admin::AdminCommand;
 use crate::devices::console::Console;
-use crate::devices::tap::TapWriter;
+use crate::devices::tap::{TapError, TapWriter};
 use crate::machine::{Machine, MachineError, RunSummary};
 use crate::replay::env::EnvError;
 use crate::replay::live::{LiveWorld, Waker};
@@ -56,6 +56,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How often the node looks at its failure detector.
+/// How long a TAP still held by this node's previous world is waited for.
+const TAP_BUSY_WAIT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(50);
 /// A fenced node asks the live node to re-protect it at most this often.
 const MAX_REJOIN_BACKOFF: Duration = Duration::from_secs(60);
@@ -443,9 +445,27 @@ impl Node {
     fn live_world(&self) -> Result<LiveWorld, NodeError> {
         let mut live = LiveWorld::new().map_err(|e| NodeError::Setup(e.to_string()))?;
         if let Some(net) = &self.cfg.net {
-            live.attach_tap(&net.tap).map_err(|e| {
-                NodeError::Setup(format!("{}: key `net.tap`: {e}", self.cfg.source.display()))
-            })?;
+            // After a role change the previous world's TAP may still be
+            // closing (a gate's sender thread lets go of it last): a busy
+            // TAP is waited for, briefly.
+            let deadline = Instant::now() + TAP_BUSY_WAIT;
+            loop {
+                match live.attach_tap(&net.tap) {
+                    Ok(()) => break,
+                    Err(TapError::SetIff { source, .. })
+                        if source.raw_os_error() == Some(libc::EBUSY)
+                            && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => {
+                        return Err(NodeError::Setup(format!(
+                            "{}: key `net.tap`: {e}",
+                            self.cfg.source.display()
+                        )))
+                    }
+                }
+            }
         }
         Ok(live)
     }
@@ -1084,6 +1104,17 @@ impl Node {
         self.spawn_claim(self.role.get().epoch, format!("going solo: {why}"));
     }
 
+    /// The witness gave `epoch` to `holder`: the role says so; returns the
+    /// fence's reason.
+    fn lost_claim(&mut self, holder: Option<String>, epoch: u64) -> String {
+        let reason = format!(
+            "lost the claim for epoch {epoch}: {} holds it",
+            holder.as_deref().unwrap_or("another node")
+        );
+        self.role.apply_quiet(Event::Denied { holder, epoch });
+        reason
+    }
+
     /// Acts on a witness answer. `Some(reason)`: this node lost the epoch.
     fn on_claim(&mut self, parts: &mut Parts, r: ClaimResult) -> Result<Option<String>, NodeError> {
         match parts {
@@ -1106,11 +1137,7 @@ impl Node {
                         Ok(None)
                     }
                     ClaimResult::Denied { holder, epoch } => {
-                        let reason = format!(
-                            "lost the claim for epoch {epoch}: {} holds it",
-                            holder.as_deref().unwrap_or("another node")
-                        );
-                        self.role.apply_quiet(Event::Denied { holder, epoch });
+                        let reason = self.lost_claim(holder, epoch);
                         // Nothing may leave, and the guest stops now.
                         if let Some(g) = &live.gate {
                             g.set_mode(GateMode::Closed);
@@ -1165,11 +1192,7 @@ impl Node {
                         Ok(None)
                     }
                     ClaimResult::Denied { holder, epoch } => {
-                        let reason = format!(
-                            "lost the claim for epoch {epoch}: {} holds it",
-                            holder.as_deref().unwrap_or("another node")
-                        );
-                        self.role.apply_quiet(Event::Denied { holder, epoch });
+                        let reason = self.lost_claim(holder, epoch);
                         let _ = f.link_stop.send(true);
                         f.queue.interrupt();
                         stop_vcpu(&self.control, &self.waker);

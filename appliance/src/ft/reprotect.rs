@@ -220,20 +220,12 @@ async fn send_run(
     .await
 }
 
+/// The page numbers set in a dirty bitmap.
 fn pfns_of(bits: &[u64], pages: u64) -> Vec<u64> {
-    let mut out = Vec::new();
-    for (w, word) in bits.iter().enumerate() {
-        let mut word = *word;
-        while word != 0 {
-            let bit = word.trailing_zeros() as u64;
-            word &= word - 1;
-            let pfn = w as u64 * 64 + bit;
-            if pfn < pages {
-                out.push(pfn);
-            }
-        }
-    }
-    out
+    crate::replay::digest::runs_from_bitmap(bits, pages)
+        .iter()
+        .flat_map(|r| r.first..r.first + r.count)
+        .collect()
 }
 
 async fn send_chunks(

@@ -1,4 +1,4 @@
-//! `bench [machine|witness|ftkv|failover|reprotect|all] [--quick]`: runs benchmark groups against the
+//! `bench [machine|witness|ftkv|pair|failover|reprotect|all] [--quick]`: runs benchmark groups against the
 //! release binaries next to this executable, prints each group's table and
 //! writes it into its own section of docs/BENCHMARKS.md.
 //!
@@ -35,6 +35,11 @@ const GROUPS: &[Group] = &[
         run: ftvm_tests::bench_ftkv::run,
     },
     Group {
+        name: "pair",
+        needs: &["ftvm", "ftvm-witness", "wan-relay"],
+        run: ftvm_tests::bench_pair::run,
+    },
+    Group {
         name: "failover",
         needs: &["ftvm", "ftvm-witness", "wan-relay"],
         run: ftvm_tests::bench_drills::failover,
@@ -46,7 +51,7 @@ const GROUPS: &[Group] = &[
     },
 ];
 
-const USAGE: &str = "usage: bench [machine|witness|ftkv|failover|reprotect|all] [--quick]";
+const USAGE: &str = "usage: bench [machine|witness|ftkv|pair|failover|reprotect|all] [--quick]";
 
 fn main() -> ExitCode {
     match real_main() {

@@ -1,0 +1,245 @@
+//! Pair benchmark: ftkv replicated by a pair in the three-site lab vs the
+//! same primary running solo, side by side in one lab at each one-way WAN
+//! delay (0, 5, 20 and 50 ms through the relay): `redis-benchmark`
+//! throughput and latency, log bandwidth idle and per request, the
+//! backup's replay lag under load, CPU time per request on each site, and
+//! the log bytes of an AOF replay at boot with `disk_reads = ship` vs
+//! `backup-reads`.
+
+use crate::bench_ftkv::{parse_csv, BenchResult};
+use crate::lab::{Lab, Site};
+use crate::report::{quantile, Table};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const FAILURE_TIMEOUT_MS: u64 = 2000;
+
+/// Clock ticks per second of /proc/PID/stat (USER_HZ on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+/// CPU time (user + system) of process `pid`, ms.
+fn cpu_ms(pid: i32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit(')').next().context("odd /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14 and stime 15.
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks * 1e3 / TICKS_PER_S)
+}
+
+fn node_pid(lab: &mut Lab, site: Site) -> Result<i32> {
+    Ok(lab.node(site).context("node not running")?.pid())
+}
+
+fn log_bytes(lab: &Lab) -> Result<f64> {
+    lab.status(Site::A)?["log"]["bytes"]
+        .as_f64()
+        .context("no log.bytes in the primary's status")
+}
+
+/// `redis-benchmark -t set,get -c 50 -n N -P P --csv` from the client LAN.
+fn benchmark(lab: &Lab, n: u64, pipeline: u32) -> Result<Vec<(String, BenchResult)>> {
+    let out = lab
+        .command("c", "timeout")
+        .args([
+            "600",
+            "redis-benchmark",
+            "--csv",
+            "-h",
+            crate::site::GUEST_IP,
+        ])
+        .args(["-t", "set,get", "-c", "50", "-n", &n.to_string()])
+        .args(["-P", &pipeline.to_string()])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let r = parse_csv(&text);
+    if !out.status.success() || r.len() < 2 {
+        bail!(
+            "redis-benchmark: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(r)
+}
+
+/// One load on the pair or the solo primary: per test (SET/GET × -P 1/16),
+/// the result; and CPU ms per request of A and (paired) B, log bytes per
+/// request, and the backup's replay lag samples.
+struct Load {
+    results: Vec<(String, BenchResult)>,
+    cpu_a_per_req: f64,
+    cpu_b_per_req: Option<f64>,
+    log_bytes_per_req: f64,
+    lag_ms: Vec<f64>,
+}
+
+fn load(lab: &mut Lab, n: u64, paired: bool) -> Result<Load> {
+    let pid_a = node_pid(lab, Site::A)?;
+    let pid_b = if paired {
+        Some(node_pid(lab, Site::B)?)
+    } else {
+        None
+    };
+    let (a0, b0, l0) = (
+        cpu_ms(pid_a)?,
+        pid_b.map(cpu_ms).transpose()?,
+        log_bytes(lab)?,
+    );
+    // The backup's replay lag, sampled from its status during the load.
+    let lags = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = paired.then(|| {
+        let (lags, stop) = (lags.clone(), stop.clone());
+        let status = lab.status_command(Site::B);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(l) = status()
+                    .ok()
+                    .and_then(|v: Value| v["replay"]["lag_ms"].as_f64())
+                {
+                    lags.lock().unwrap_or_else(|p| p.into_inner()).push(l);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    });
+    let mut results = benchmark(lab, n, 1)?;
+    results.extend(benchmark(lab, n, 16)?);
+    stop.store(true, Ordering::Relaxed);
+    if let Some(s) = sampler {
+        let _ = s.join();
+    }
+    let requests = 4.0 * n as f64;
+    let lag_ms = lags.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Ok(Load {
+        results,
+        cpu_a_per_req: (cpu_ms(pid_a)? - a0) / requests,
+        cpu_b_per_req: match (pid_b, b0) {
+            (Some(p), Some(b0)) => Some((cpu_ms(p)? - b0) / requests),
+            _ => None,
+        },
+        log_bytes_per_req: (log_bytes(lab)? - l0) / requests,
+        lag_ms,
+    })
+}
+
+/// Log bytes from power-on until ftkv answers, booting a disk whose AOF
+/// holds the keys the load wrote, with `disk_reads` = `mode` on both sites.
+fn boot_log_bytes(lab: &mut Lab, mode: &str) -> Result<f64> {
+    lab.reset_from(Site::A)?;
+    for s in [Site::A, Site::B] {
+        lab.set_ft(s, "disk_reads", &format!("\"{mode}\""))?;
+    }
+    lab.start_pair()?;
+    log_bytes(lab)
+}
+
+pub fn run(_bin_dir: &Path, quick: bool) -> Result<String> {
+    let delays: &[u64] = if quick { &[0, 20] } else { &[0, 5, 20, 50] };
+    let n: u64 = if quick { 2000 } else { 20000 };
+    let idle = Duration::from_secs(if quick { 3 } else { 10 });
+    let mut throughput = Table::new(&[
+        "one-way delay",
+        "site RTT (ms)",
+        "SET -P1 pair/solo",
+        "GET -P1 pair/solo",
+        "SET -P16 pair/solo",
+        "GET -P16 pair/solo",
+        "SET -P1 p50 / p99 pair (solo) ms",
+        "added p50 in RTTs",
+        "log idle (kbit/s)",
+        "log bytes / request",
+        "replay lag p50 / p99 (ms)",
+        "CPU ms/request: primary paired / solo / backup",
+    ]);
+    let mut boot = None;
+    for &delay in delays {
+        let mut lab = Lab::up(delay)?;
+        lab.set_failure_timeout(FAILURE_TIMEOUT_MS)?;
+        lab.start_pair()?;
+        let rtt = lab.status(Site::A)?["peer"]["rtt_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        let i0 = log_bytes(&lab)?;
+        let t0 = Instant::now();
+        std::thread::sleep(idle);
+        let idle_kbit = (log_bytes(&lab)? - i0) * 8.0 / t0.elapsed().as_secs_f64() / 1e3;
+        let pair = load(&mut lab, n, true)?;
+        lab.stop_node(Site::B, libc::SIGKILL)?;
+        lab.wait_status(Site::A, "the primary to go solo", |v| v["role"] == "solo")?;
+        let solo = load(&mut lab, n, false)?;
+        let ratio = |k: usize| {
+            format!(
+                "{:.2} ({:.0} / {:.0})",
+                pair.results[k].1.rps / solo.results[k].1.rps,
+                pair.results[k].1.rps,
+                solo.results[k].1.rps
+            )
+        };
+        let (p, s) = (&pair.results[0].1, &solo.results[0].1);
+        throughput.row(vec![
+            format!("{delay} ms"),
+            format!("{rtt:.1}"),
+            ratio(0),
+            ratio(1),
+            ratio(2),
+            ratio(3),
+            format!(
+                "{:.2} / {:.2} ({:.2} / {:.2})",
+                p.p50_ms, p.p99_ms, s.p50_ms, s.p99_ms
+            ),
+            if delay == 0 {
+                "-".into()
+            } else {
+                format!("{:.2}", (p.p50_ms - s.p50_ms) / rtt)
+            },
+            format!("{idle_kbit:.1}"),
+            format!("{:.0}", pair.log_bytes_per_req),
+            format!(
+                "{:.0} / {:.0}",
+                quantile(&pair.lag_ms, 0.5),
+                quantile(&pair.lag_ms, 0.99)
+            ),
+            format!(
+                "{:.3} / {:.3} / {:.3}",
+                pair.cpu_a_per_req,
+                solo.cpu_a_per_req,
+                pair.cpu_b_per_req.unwrap_or(f64::NAN)
+            ),
+        ]);
+        if delay == 0 {
+            lab.stop_node(Site::A, libc::SIGTERM)?;
+            let ship = boot_log_bytes(&mut lab, "ship")?;
+            let reads = boot_log_bytes(&mut lab, "backup-reads")?;
+            boot = Some((ship, reads));
+        }
+    }
+    let boot = match boot {
+        Some((ship, reads)) => format!(
+            "Log bytes from power-on until ftkv answers, its AOF replayed from a disk \
+             holding every key the 0 ms load wrote: `ship` {:.2} MB, `backup-reads` \
+             {:.2} MB ({:+.0} %).",
+            ship / 1e6,
+            reads / 1e6,
+            (reads / ship - 1.0) * 100.0
+        ),
+        None => String::new(),
+    };
+    Ok(format!(
+        "## Pair vs solo primary\n\n\
+         ftkv in a pair in the lab (`scripts/lab.sh`, guest memory 1 GiB, \
+         `disk_reads = ship`), against the same primary solo after its backup \
+         was killed, in one lab per delay. `redis-benchmark -t set,get -c 50 \
+         -n {n} -P 1|16` from the client LAN. Goals: throughput pair/solo ≥ \
+         0.95 at 0 ms; added p50 ≤ 1.1 RTT + 0.5 ms; idle log < 50 kbit/s; \
+         replay lag p99 ≤ 100 ms at 0 ms. Both sites, the witness, the relay \
+         and the 50 clients share this machine's two cores, so throughput \
+         understates two real sites; CPU ms per request is what each site \
+         pays.\n\n{}\n{boot}",
+        throughput.to_markdown()
+    ))
+}
