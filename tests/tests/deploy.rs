@@ -2,11 +2,19 @@
 //! real `ansible-playbook` over SSH to three lab hosts (`scripts/lab.sh up
 //! --hosts`: sites A and B and the witness site, each a network namespace
 //! with its own sshd and private /etc/ftvm, /var/lib/ftvm and /opt/ftvm),
-//! then drills from `drill.yml` through the lab's WAN relay.
+//! then a rolling upgrade (`upgrade.yml`) under client load, then drills
+//! from `drill.yml` through the lab's WAN relay.
 
 use anyhow::{bail, ensure, Context, Result};
-use ftvm_tests::{ansible, lab::Lab, site};
+use ftvm_appliance::drill::load::{self, Load};
+use ftvm_tests::lab::{wait_until, Lab};
+use ftvm_tests::{ansible, site};
+use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// ftvmctl on a lab host.
+const FTVMCTL: &str = "/opt/ftvm/sbin/ftvmctl";
 
 /// The one-way WAN delay the lab's relay adds (the lab inventory's default).
 const WAN_DELAY_MS: u64 = 20;
@@ -149,11 +157,54 @@ impl Deployment<'_> {
 
     /// A node's /status, read on its host with ftvmctl.
     fn status(&self, host: &str) -> Result<serde_json::Value> {
-        let out = self
-            .lab
-            .ssh(host, &["/opt/ftvm/sbin/ftvmctl", "ftvm", "status"])?;
+        let out = self.lab.ssh(host, &[FTVMCTL, "ftvm", "status"])?;
         serde_json::from_str(&out).with_context(|| format!("status of {host}: {out}"))
     }
+
+    /// Waits until `primary` is primary and protected and `backup` its
+    /// backup in the same epoch; their statuses.
+    fn wait_protected(
+        &self,
+        primary: &str,
+        backup: &str,
+    ) -> Result<(serde_json::Value, serde_json::Value)> {
+        let mut last = None;
+        let waited = wait_until(&format!("{primary} protected by {backup}"), || {
+            let (p, b) = (self.status(primary)?, self.status(backup)?);
+            let done = p["role"] == "primary"
+                && p["protected"] == true
+                && b["role"] == "backup"
+                && b["epoch"] == p["epoch"];
+            last = Some((p, b));
+            Ok(done)
+        });
+        match (waited, last) {
+            (Ok(()), Some(pair)) => Ok(pair),
+            (w, last) => bail!("{w:?}; last statuses: {last:#?}"),
+        }
+    }
+
+    /// SHA-256 of the `ftvm` installed on `host`, and of the one its node runs.
+    fn ftvm_on(&self, host: &str) -> Result<(String, String)> {
+        let installed = self.lab.ssh(host, &["sha256sum", "/opt/ftvm/bin/ftvm"])?;
+        let running = self.lab.ssh(host, &[FTVMCTL, "ftvm", "running-sha256"])?;
+        Ok((first_word(&installed), first_word(&running)))
+    }
+}
+
+fn first_word(s: &str) -> String {
+    s.split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// SHA-256 of a file on this machine.
+fn sha256(path: &Path) -> Result<String> {
+    let out = std::process::Command::new("sha256sum").arg(path).output()?;
+    ensure!(
+        out.status.success(),
+        "sha256sum {}: {out:?}",
+        path.display()
+    );
+    Ok(first_word(&String::from_utf8_lossy(&out.stdout)))
 }
 
 fn bin_dir() -> PathBuf {
@@ -243,6 +294,22 @@ fn deploy_and_drill(lab: &Lab, bin: &Path) -> Result<()> {
     // The hardened units, rendered on each host, pass systemd-analyze verify.
     d.deploy("verify-units.yml", &[])?;
 
+    rolling_upgrade(&d)?;
+
+    // The drills' kill scenarios check that the killed node, restarted,
+    // stays fenced, which holds only when the survivor does not take it
+    // back by itself: they rehearse with `reprotect = "manual"`, which the
+    // nodes read when the drill's reset restarts them. (This run also puts
+    // this build's binary back in place of the upgrade's release.)
+    d.deploy("site.yml", &["-e", "ftvm_appliance_reprotect=manual"])?;
+    for h in ["node-a", "node-b"] {
+        let toml = lab.ssh(h, &["cat", "/etc/ftvm/ftvm.toml"])?;
+        ensure!(
+            toml.lines().any(|l| l == r#"reprotect = "manual""#),
+            "{h}: ftvm.toml does not say reprotect = \"manual\":\n{toml}"
+        );
+    }
+
     // Drills at the lab's 20 ms, and one at 50 ms one-way delay: each run
     // brings its report back into a folder of its own.
     let reports = lab.dir.join("drill-reports");
@@ -271,6 +338,151 @@ fn deploy_and_drill(lab: &Lab, bin: &Path) -> Result<()> {
         check_report(run, scenario, delay)?;
     }
     Ok(())
+}
+
+/// upgrade.yml against the deployed pair (node-a primary, node-b backup):
+/// with nothing to upgrade it changes nothing; with the backup down it
+/// refuses and changes nothing, and the backup, started again without
+/// `--join`, rejoins by itself (`reprotect = "auto"`, the role's default);
+/// then, while Redis clients write, it upgrades both nodes to a new
+/// release. The release is this build's `ftvm` with bytes appended (an
+/// ELF binary runs the same with trailing data): a different file,
+/// recognised by its SHA-256 on each host, installed and running.
+fn rolling_upgrade(d: &Deployment) -> Result<()> {
+    let lab = d.lab;
+    let log = || std::fs::read_to_string(lab.dir.join("upgrade.log")).unwrap_or_default();
+    let build = sha256(&bin_dir().join("ftvm"))?;
+    let release = lab.dir.join("release-2");
+    std::fs::create_dir_all(&release)?;
+    std::fs::copy(bin_dir().join("ftvm"), release.join("ftvm"))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(release.join("ftvm"))?
+        .write_all(b"\nftvm-tests: release 2 of the rolling upgrade\n")?;
+    let new = sha256(&release.join("ftvm"))?;
+    ensure!(new != build, "the release is the same file as the build");
+    let from_release = format!("ftvm_binaries_src={}", release.display());
+
+    // Both nodes run this build already: nothing to do.
+    let changed = d.deploy("upgrade.yml", &[])?;
+    ensure!(
+        changed.iter().all(|(_, n)| *n == 0) && log().contains("Nothing to upgrade"),
+        "upgrade.yml with nothing to upgrade: {changed:?}\n{}",
+        log()
+    );
+
+    // The backup is down: refused, naming why, and nothing installed.
+    lab.ssh("node-b", &[FTVMCTL, "ftvm", "stop"])?;
+    let (ok, text) = d.playbook("upgrade.yml", &["-e", &from_release])?;
+    let recap = ansible::recap(&text);
+    ensure!(
+        !ok && text.contains("Refusing to upgrade")
+            && text.contains("node-b does not answer")
+            && text.contains("Nothing was changed")
+            && !recap.is_empty()
+            && recap.values().all(|c| c.get("changed") == Some(&0)),
+        "upgrade.yml with the backup down:\n{text}"
+    );
+    let a = d.status("node-a")?;
+    ensure!(
+        d.ftvm_on("node-a")? == (build.clone(), build.clone())
+            && (a["role"] == "primary" || a["role"] == "solo"),
+        "the refused upgrade touched node-a: {a:#}"
+    );
+    // Started as configured (no --join), it rejoins the primary by itself.
+    lab.ssh("node-b", &[FTVMCTL, "ftvm", "start"])?;
+    let (_, b) = d.wait_protected("node-a", "node-b")?;
+    ensure!(
+        b["role_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("rejoined node-a")),
+        "node-b: {b:#}"
+    );
+
+    // The upgrade, under load.
+    let service = format!("{}:6379", site::GUEST_IP);
+    let clients = Load::start(&service, Some(&lab.ns("c")), 4, "upgrade", 12);
+    let acked = || {
+        acked_writes(
+            &clients
+                .history
+                .records
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    };
+    wait_until("the clients' first acknowledged write", || Ok(acked() > 0))?;
+    let epoch = d.status("node-a")?["epoch"].as_u64().context("epoch")?;
+    let upgraded = d.deploy("upgrade.yml", &["-e", &from_release]);
+    // The clients go on through the new primary on the same connections.
+    let after = acked();
+    let more = match &upgraded {
+        Ok(_) => wait_until("a write acknowledged after the upgrade", || {
+            Ok(acked() > after)
+        }),
+        Err(_) => Ok(()),
+    };
+    let history = clients.stop();
+    upgraded?;
+    more?;
+
+    // The roles swapped, protected; both nodes installed and run the release.
+    let (b, a) = d.wait_protected("node-b", "node-a")?;
+    ensure!(
+        b["epoch"].as_u64() > Some(epoch),
+        "no switchover: {b:#}\n{a:#}"
+    );
+    for h in ["node-a", "node-b"] {
+        let (installed, running) = d.ftvm_on(h)?;
+        ensure!(
+            installed == new && running == new,
+            "{h}: installed {installed}, running {running}, release {new}\n{}",
+            log()
+        );
+    }
+
+    // What the clients saw: every request answered without error on the
+    // connections they opened, and every key holds its last acknowledged
+    // write (or a later one), read back on a fresh connection.
+    let records = history
+        .records
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|r| r.end.is_none() || r.error.is_some())
+        .collect();
+    ensure!(
+        failed.is_empty() && history.broken.load(std::sync::atomic::Ordering::Relaxed) == 0,
+        "client requests failed during the upgrade: {failed:#?}"
+    );
+    let mut keys: Vec<String> = records.iter().map(|r| r.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    let finals: HashMap<String, Option<String>> =
+        load::final_reads(&service, Some(&lab.ns("c")), keys)
+            .map_err(|e| anyhow::anyhow!(e))?
+            .into_iter()
+            .map(|(k, _, v, _)| (k, v))
+            .collect();
+    let lost = load::lost_writes(&records, &finals);
+    eprintln!(
+        "rolling upgrade: {} writes acknowledged, {} lost, epoch {epoch} -> {}",
+        acked_writes(&records),
+        lost,
+        b["epoch"]
+    );
+    ensure!(lost == 0, "{lost} acknowledged writes lost in the upgrade");
+    ensure!(acked_writes(&records) > after, "no write after the upgrade");
+    Ok(())
+}
+
+fn acked_writes(records: &[load::Record]) -> usize {
+    records
+        .iter()
+        .filter(|r| r.write.is_some() && r.end.is_some() && r.error.is_none())
+        .count()
 }
 
 /// The CA key stays on the control node: no file on any host holds it,
