@@ -442,6 +442,20 @@ impl Node {
         self.tap = None;
     }
 
+    /// Remembers `machine`'s world as the one a joining backup copies from
+    /// (this node may go live with it later).
+    fn offer_joins(&mut self, machine: &Machine, waker: Waker, reads: DiskReads) {
+        self.waker = Some(waker.clone());
+        self.join_source = Some(JoinSource::of(
+            machine,
+            self.control.clone(),
+            waker,
+            self.disk_cfg(),
+            reads,
+            &self.ft.cluster,
+        ));
+    }
+
     fn live_world(&self) -> Result<LiveWorld, NodeError> {
         let mut live = LiveWorld::new().map_err(|e| NodeError::Setup(e.to_string()))?;
         if let Some(net) = &self.cfg.net {
@@ -665,16 +679,7 @@ impl Node {
         let env_tap = world
             .tap_writer()
             .map_err(|e| NodeError::Setup(e.to_string()))?;
-        let waker = world.waker();
-        self.waker = Some(waker.clone());
-        self.join_source = Some(JoinSource::of(
-            &machine,
-            self.control.clone(),
-            waker,
-            self.disk_cfg(),
-            reads,
-            &self.ft.cluster,
-        ));
+        self.offer_joins(&machine, world.waker(), reads);
         let live = self.live_parts(
             epoch,
             Some(header),
@@ -862,16 +867,7 @@ impl Node {
             }
         };
         let _ = self.role.apply(event);
-        let waker = world.waker();
-        self.waker = Some(waker.clone());
-        self.join_source = Some(JoinSource::of(
-            &machine,
-            self.control.clone(),
-            waker,
-            self.disk_cfg(),
-            self.settings.me.disk_reads,
-            &self.ft.cluster,
-        ));
+        self.offer_joins(&machine, world.waker(), self.settings.me.disk_reads);
         let env = FtEnv::new(
             Replayer::new(follower.queue.source()),
             world,
