@@ -14,31 +14,12 @@ use ftvm_appliance::replay::replayer::Replayer;
 use ftvm_appliance::vstate::vcpu::VcpuControl;
 use ftvm_config::appliance::ApplianceConfig;
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use vm_memory::{Bytes, GuestAddress};
 
-fn demo_image() -> PathBuf {
-    PathBuf::from(env!("FTVM_GUEST_DIR")).join("demo")
-}
-
-fn kvm(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var("FTVM_REQUIRE_ALL_TESTS").map_or(true, |v| v != "1"),
-                "/dev/kvm cannot be opened ({e}) and FTVM_REQUIRE_ALL_TESTS=1"
-            );
-            println!("SKIPPED {test}: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
+mod common;
+use common::{demo_image, kvm};
 
 fn config(dir: &Path, memory_mib: u64) -> ApplianceConfig {
     let p = dir.join(format!("demo-{memory_mib}.toml"));

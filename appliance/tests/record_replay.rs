@@ -8,28 +8,8 @@ use std::process::Command;
 
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
 
-fn demo_image() -> PathBuf {
-    PathBuf::from(env!("FTVM_GUEST_DIR")).join("demo")
-}
-
-fn kvm(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            // CI sets FTVM_REQUIRE_ALL_TESTS=1: there a missing /dev/kvm is a failure.
-            assert!(
-                std::env::var("FTVM_REQUIRE_ALL_TESTS").map_or(true, |v| v != "1"),
-                "/dev/kvm cannot be opened ({e}) and FTVM_REQUIRE_ALL_TESTS=1"
-            );
-            println!("SKIPPED {test}: /dev/kvm cannot be opened ({e})");
-            false
-        }
-    }
-}
+mod common;
+use common::{demo_image, kvm};
 
 /// A config in `dir` running the demo `workload`, digesting every `interval` exits.
 fn config(dir: &Path, name: &str, image: &Path, cmdline: &str, interval: u64) -> PathBuf {
