@@ -7,7 +7,7 @@
 //! kills its processes and removes its namespaces.
 
 use crate::site::{Guard, GUEST_IP};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -350,6 +350,51 @@ impl Lab {
         g.signal(sig);
         let status = g.wait_status()?;
         Ok(status.code())
+    }
+
+    /// Stops the primary on `site` with SIGTERM, which ends the log; the
+    /// backup must stop at the same exit by itself. Fails unless both exit
+    /// 0, the backup prints `replay: OK` with the primary's record summary
+    /// and disk line, and the two images are byte-identical. Returns the
+    /// disks' Merkle root.
+    pub fn stop_pair_cleanly(&mut self, primary: Site) -> Result<String> {
+        let backup = primary.other();
+        let code = self.stop_node(primary, libc::SIGTERM)?;
+        ensure!(code == Some(0), "the primary exited with {code:?}");
+        let code = self.wait_node(backup)?;
+        ensure!(code == Some(0), "the backup exited with {code:?}");
+        let line = |text: &str, prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .map(str::to_string)
+        };
+        let (p_out, p_err) = self.node_output(primary);
+        let (b_out, b_err) = self.node_output(backup);
+        let record = line(&p_out, "record:")
+            .with_context(|| format!("no record summary from the primary:\n{p_out}{p_err}"))?;
+        let replay = line(&b_out, "replay: OK")
+            .with_context(|| format!("the backup did not replay OK:\n{b_out}{b_err}"))?;
+        ensure!(
+            replay.replace("replay: OK", "") == record.replace("record:", ""),
+            "the backup's replay ({replay}) does not end where the primary's record ({record}) does"
+        );
+        ensure!(
+            line(&p_out, "disk:") == line(&b_out, "disk:"),
+            "the disk lines differ: {:?} vs {:?}",
+            line(&p_out, "disk:"),
+            line(&b_out, "disk:")
+        );
+        let img = |s: Site| self.dir.join(format!("node-{}.img", s.letter()));
+        let (root_p, root_b) = (
+            crate::reprotect::disk_root(&img(primary))?,
+            crate::reprotect::disk_root(&img(backup))?,
+        );
+        ensure!(root_p == root_b, "disk roots differ: {root_p} vs {root_b}");
+        ensure!(
+            std::fs::read(img(primary))? == std::fs::read(img(backup))?,
+            "the two disk images differ byte for byte"
+        );
+        Ok(root_p)
     }
 
     /// Waits for the node to exit by itself; returns its exit code.

@@ -24,16 +24,7 @@ fn ftvm(args: &[&str]) -> String {
 }
 
 fn disk_root(img: &std::path::Path) -> String {
-    ftvm(&["disk", "hash", img.to_str().unwrap()])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// The lines of `text` starting with `prefix`.
-fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    text.lines().find(|l| l.starts_with(prefix))
+    ftvm_tests::reprotect::disk_root(img).unwrap()
 }
 
 #[test]
@@ -108,23 +99,9 @@ fn pair_replicates_ftkv_under_load_and_stops_with_identical_disks() {
     assert_eq!(a["protected"], true, "{a}");
     assert!(a["replication_stopped"].is_null());
 
-    // A clean stop of the primary ends the log; the backup stops at the same exit.
-    assert_eq!(lab.stop_node(Site::A, libc::SIGTERM).unwrap(), Some(0));
-    assert_eq!(lab.wait_node(Site::B).unwrap(), Some(0));
-    let (a_out, _) = lab.node_output(Site::A);
-    let (b_out, b_err) = lab.node_output(Site::B);
-    let rec = line(&a_out, "record:")
-        .expect("primary summary")
-        .replace("record:", "");
-    let rep = line(&b_out, "replay: OK").unwrap_or_else(|| panic!("{b_out}{b_err}"));
-    assert_eq!(rep.replace("replay: OK", ""), rec);
-    assert_eq!(line(&a_out, "disk:"), line(&b_out, "disk:"));
-    let (da, db) = (lab.dir.join("node-a.img"), lab.dir.join("node-b.img"));
-    assert_eq!(disk_root(&da), disk_root(&db));
-    assert!(
-        std::fs::read(&da).unwrap() == std::fs::read(&db).unwrap(),
-        "the two disk images differ byte for byte"
-    );
+    // A clean stop of the primary ends the log; the backup stops at the
+    // same exit, with the same summary and byte-identical disks.
+    lab.stop_pair_cleanly(Site::A).unwrap();
 }
 
 /// Round-trip times of `n` PINGs on one connection from the client LAN.

@@ -246,6 +246,12 @@ pub fn render_metrics(s: &StatusReport) -> Result<String, std::fmt::Error> {
             "Guest frames dropped (gate full or fenced)",
             h.dropped,
         );
+        gauge(
+            &mut r,
+            "output_hold_mean_seconds",
+            "Mean time a guest frame waited for the backup's ack",
+            h.mean_hold_ms / 1e3,
+        );
     }
     gauge(
         &mut r,

@@ -188,12 +188,22 @@ async fn refuse(conn: &quinn::Connection, send: Option<&mut quinn::SendStream>, 
 }
 
 /// Reads control messages into a channel, so the session loop can select
-/// on them without cancelling a half-read frame.
-fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Control, String>> {
+/// on them without cancelling a half-read frame. A message `inline` takes
+/// (returns true for) is handled here and not passed on: the primary's acks,
+/// which release held replies and should not wait for another task.
+fn spawn_reader(
+    mut recv: quinn::RecvStream,
+    inline: impl Fn(&Control) -> bool + Send + 'static,
+) -> mpsc::Receiver<Result<Control, String>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
             let r = read_control(&mut recv).await;
+            if let Ok(Some(m)) = &r {
+                if inline(m) {
+                    continue;
+                }
+            }
             let done = !matches!(r, Ok(Some(_)));
             let msg = match r {
                 Ok(Some(m)) => Ok(m),
@@ -206,6 +216,16 @@ fn spawn_reader(mut recv: quinn::RecvStream) -> mpsc::Receiver<Result<Control, S
         }
     });
     rx
+}
+
+/// The backup has every entry up to `received`: the log queue may drop
+/// them and the output gate release the replies that depended on them.
+fn on_ack(queue: &LogQueue, gate: Option<&OutputGate>, link: &LinkState, received: u64) {
+    queue.ack(received);
+    if let Some(g) = gate {
+        g.release_upto(received);
+    }
+    link.acked.store(received, Ordering::Relaxed);
 }
 
 /// Writes queued control messages in order.
@@ -593,7 +613,16 @@ impl PrimaryChannel {
             old.conn
                 .close(CLOSE_REPLACED.into(), b"replaced by a new session");
         }
-        let mut reader = spawn_reader(recv);
+        let acks = (self.queue.clone(), self.gate.clone(), self.link.clone());
+        let mut reader = spawn_reader(recv, move |m| match m {
+            Control::Ack { received } => {
+                let (queue, gate, link) = &acks;
+                link.touch();
+                on_ack(queue, gate.as_ref(), link, *received);
+                true
+            }
+            _ => false,
+        });
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
         let started = Instant::now();
         let why = loop {
@@ -690,11 +719,7 @@ impl PrimaryChannel {
     fn on_control(&self, peer: &str, m: Control) -> Option<String> {
         match m {
             Control::Ack { received } => {
-                self.queue.ack(received);
-                if let Some(g) = &self.gate {
-                    g.release_upto(received);
-                }
-                self.link.acked.store(received, Ordering::Relaxed);
+                on_ack(&self.queue, self.gate.as_ref(), &self.link, received);
                 None
             }
             Control::ReplayStatus { clock_ns, .. } => {
@@ -1117,16 +1142,17 @@ impl BackupChannel {
         self.link.touch();
         tracing::info!(%peer, epoch, resume_from = received + 1, "paired with the primary");
         let (ack_tx, mut ack_rx) = watch::channel(received);
+        let writer = spawn_writer(send);
         let receiver = tokio::spawn(receive_log(
             self.queue.clone(),
             log,
             epoch,
             ack_tx,
+            writer.clone(),
             conn.clone(),
         ));
-        let writer = spawn_writer(send);
         *self.to_primary.lock().unwrap_or_else(|p| p.into_inner()) = Some(writer.clone());
-        let mut reader = spawn_reader(recv);
+        let mut reader = spawn_reader(recv, |_| false);
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
         let mut status = tokio::time::interval(STATUS_EVERY);
         let started = Instant::now();
@@ -1138,9 +1164,6 @@ impl BackupChannel {
                     }
                     let received = *ack_rx.borrow_and_update();
                     self.link.acked.store(received, Ordering::Relaxed);
-                    if writer.send(Control::Ack { received }).await.is_err() {
-                        break SessionEnd::Lost("control stream closed".into());
-                    }
                 }
                 _ = status.tick() => {
                     let p = &self.queue.progress;
@@ -1201,13 +1224,16 @@ impl BackupChannel {
     }
 }
 
-/// Pushes every batch that decodes into the replay queue and publishes the
-/// last index received; a frame that does not decode ends the connection.
+/// Pushes every batch that decodes into the replay queue, acks it to the
+/// primary and publishes the last index received; a frame that does not
+/// decode ends the connection. The ack leaves from here, not from the
+/// session loop: each hop between tasks is added to every held reply.
 async fn receive_log(
     queue: Arc<ReplayQueue>,
     mut log: quinn::RecvStream,
     epoch: u64,
     ack: watch::Sender<u64>,
+    writer: mpsc::Sender<Control>,
     conn: quinn::Connection,
 ) {
     let path = Path::new("log channel");
@@ -1247,6 +1273,10 @@ async fn receive_log(
         {
             Ok(received) => {
                 ack.send_replace(received);
+                if writer.send(Control::Ack { received }).await.is_err() {
+                    // The session loop sees the control stream close.
+                    return;
+                }
             }
             Err(e) => {
                 bad_frame(&conn, &e.to_string());

@@ -616,10 +616,7 @@ impl Node {
                 let w = w
                     .try_clone()
                     .map_err(|e| NodeError::Setup(format!("TAP for the output gate: {e}")))?;
-                Some(
-                    OutputGate::new(Box::new(w), gate_mode)
-                        .map_err(|e| NodeError::Setup(format!("starting the output gate: {e}")))?,
-                )
+                Some(OutputGate::new(Box::new(w), gate_mode))
             }
             None => None,
         };

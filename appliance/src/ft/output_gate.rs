@@ -3,8 +3,11 @@
 //! The vCPU never waits for it; only the frame does.
 //!
 //! - Protected (`Primary`): a frame depending on entry `i` leaves once the
-//!   backup acked `i` (at once when it already has and nothing older is
-//!   held, otherwise from the gate's release thread when the ack arrives).
+//!   backup acked `i`: at once when it already has and nothing older is
+//!   held, otherwise written by whoever delivers the ack (the log channel's
+//!   task), in the same call. No thread sits between an ack and the frames
+//!   it frees: on this platform a thread wake-up per ack cost more CPU than
+//!   the TAP writes themselves.
 //! - Solo: frames leave at once. The gate is opened only after the witness
 //!   granted the epoch in which this node runs alone.
 //! - Fenced: every held frame is dropped and no frame leaves again.
@@ -17,7 +20,7 @@ use crate::devices::tap::TapWriter;
 use crate::replay::live::FrameOutput;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Bytes of frames held at most.
@@ -53,6 +56,7 @@ struct GateState {
     held: VecDeque<(u64, Vec<u8>, Instant)>,
     held_bytes: usize,
     sink: Box<dyn FrameSink>,
+    /// Held frames stay unsent from now on.
     shutdown: bool,
 }
 
@@ -64,12 +68,16 @@ pub struct GateStats {
     pub dropped: AtomicU64,
     /// Longest a frame was held, microseconds.
     pub max_hold_us: AtomicU64,
+    /// Sum of the hold times of frames released after a wait, microseconds
+    /// (divided by `waited` it is the output delay the pairing adds).
+    pub hold_us_total: AtomicU64,
+    /// Frames released after a wait.
+    pub waited: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Shared {
     state: Mutex<GateState>,
-    cond: Condvar,
     stats: GateStats,
 }
 
@@ -80,9 +88,9 @@ pub struct OutputGate {
 }
 
 impl OutputGate {
-    /// A gate in `mode` writing to `sink`, with its release thread.
-    pub fn new(sink: Box<dyn FrameSink>, mode: GateMode) -> std::io::Result<Self> {
-        let gate = OutputGate {
+    /// A gate in `mode` writing to `sink`.
+    pub fn new(sink: Box<dyn FrameSink>, mode: GateMode) -> Self {
+        OutputGate {
             shared: Arc::new(Shared {
                 state: Mutex::new(GateState {
                     mode,
@@ -92,15 +100,9 @@ impl OutputGate {
                     sink,
                     shutdown: false,
                 }),
-                cond: Condvar::new(),
                 stats: GateStats::default(),
             }),
-        };
-        let g = gate.clone();
-        std::thread::Builder::new()
-            .name("output-gate".into())
-            .spawn(move || g.release_loop())?;
-        Ok(gate)
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
@@ -131,7 +133,7 @@ impl OutputGate {
         let mut s = self.lock();
         if index > s.released_upto {
             s.released_upto = index;
-            self.shared.cond.notify_all();
+            self.release(&mut s);
         }
     }
 
@@ -148,13 +150,12 @@ impl OutputGate {
             s.held_bytes = 0;
             self.shared.stats.dropped.fetch_add(n, Ordering::Relaxed);
         }
-        self.shared.cond.notify_all();
+        self.release(&mut s);
     }
 
-    /// Ends the release thread (held frames stay unsent).
+    /// Held frames stay unsent from now on (the node is stopping).
     pub fn shutdown(&self) {
         self.lock().shutdown = true;
-        self.shared.cond.notify_all();
     }
 
     fn releasable(s: &GateState) -> bool {
@@ -164,30 +165,29 @@ impl OutputGate {
         }
     }
 
-    fn release_loop(self) {
-        let mut s = self.lock();
-        loop {
-            if s.shutdown {
-                return;
+    /// Writes every frame that may leave now, oldest first. Written under
+    /// the lock, so a frame the vCPU sends directly never overtakes a held
+    /// one.
+    fn release(&self, s: &mut GateState) {
+        if s.shutdown || s.mode == GateMode::Closed {
+            return;
+        }
+        while Self::releasable(s) {
+            if let Some((_, frame, since)) = s.held.pop_front() {
+                s.held_bytes -= frame.len();
+                s.sink.write(&frame);
+                let us = since.elapsed().as_micros() as u64;
+                self.shared.stats.sent.fetch_add(1, Ordering::Relaxed);
+                self.shared.stats.waited.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .hold_us_total
+                    .fetch_add(us, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .max_hold_us
+                    .fetch_max(us, Ordering::Relaxed);
             }
-            if s.mode != GateMode::Closed && Self::releasable(&s) {
-                // Written under the lock so a frame sent directly by the
-                // vCPU can never overtake a held one.
-                while Self::releasable(&s) {
-                    if let Some((_, frame, since)) = s.held.pop_front() {
-                        s.held_bytes -= frame.len();
-                        s.sink.write(&frame);
-                        let us = since.elapsed().as_micros() as u64;
-                        self.shared.stats.sent.fetch_add(1, Ordering::Relaxed);
-                        self.shared
-                            .stats
-                            .max_hold_us
-                            .fetch_max(us, Ordering::Relaxed);
-                    }
-                }
-                continue;
-            }
-            s = self.shared.cond.wait(s).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -216,7 +216,6 @@ impl FrameOutput for OutputGate {
         s.held
             .push_back((depends_on, frame.to_vec(), Instant::now()));
         self.shared.stats.held_total.fetch_add(1, Ordering::Relaxed);
-        self.shared.cond.notify_all();
     }
 }
 
@@ -251,7 +250,7 @@ mod tests {
     #[test]
     fn frames_wait_for_their_entries_and_keep_their_order() {
         let out = Collector::default();
-        let mut gate = OutputGate::new(Box::new(out.clone()), GateMode::Protected).unwrap();
+        let mut gate = OutputGate::new(Box::new(out.clone()), GateMode::Protected);
         gate.send(b"a", 0);
         gate.send(b"b", 5);
         gate.send(b"c", 3);
@@ -275,7 +274,7 @@ mod tests {
     #[test]
     fn a_closed_gate_drops_everything_for_good() {
         let out = Collector::default();
-        let mut gate = OutputGate::new(Box::new(out.clone()), GateMode::Protected).unwrap();
+        let mut gate = OutputGate::new(Box::new(out.clone()), GateMode::Protected);
         gate.send(b"x", 7);
         gate.set_mode(GateMode::Closed);
         gate.release_upto(100);

@@ -116,6 +116,9 @@ pub struct HeldReport {
     pub sent: u64,
     pub dropped: u64,
     pub max_hold_ms: f64,
+    /// Frames that waited for an ack before leaving, and their mean wait.
+    pub waited: u64,
+    pub mean_hold_ms: f64,
 }
 
 /// The `/status` document.
@@ -325,6 +328,10 @@ impl StatusSources {
                 sent: st.sent.load(Ordering::Relaxed),
                 dropped: st.dropped.load(Ordering::Relaxed),
                 max_hold_ms: st.max_hold_us.load(Ordering::Relaxed) as f64 / 1000.0,
+                waited: st.waited.load(Ordering::Relaxed),
+                mean_hold_ms: st.hold_us_total.load(Ordering::Relaxed) as f64
+                    / 1000.0
+                    / st.waited.load(Ordering::Relaxed).max(1) as f64,
             }
         });
         let replication_stopped = link.replication_stopped();
@@ -471,9 +478,11 @@ pub fn render_text(v: &serde_json::Value) -> String {
     if v.pointer("/held_outputs").is_some_and(|x| !x.is_null()) {
         let _ = writeln!(
             out,
-            "  held outputs: {} frames now; {} sent, {} dropped, longest hold {:.1} ms",
+            "  held outputs: {} frames now; {} sent ({} after a wait, {:.2} ms on average), {} dropped, longest hold {:.1} ms",
             n("/held_outputs/frames"),
             n("/held_outputs/sent"),
+            n("/held_outputs/waited"),
+            n("/held_outputs/mean_hold_ms"),
             n("/held_outputs/dropped"),
             n("/held_outputs/max_hold_ms")
         );

@@ -45,6 +45,8 @@ struct Direction {
     packets: AtomicU64,
     bytes: AtomicU64,
     dropped: AtomicU64,
+    /// Packets waiting in this direction's pipe.
+    queued: AtomicU64,
 }
 
 type Packet = (Instant, Vec<u8>, Arc<UdpSocket>, Option<SocketAddr>);
@@ -74,6 +76,19 @@ impl Direction {
         }
         self.packets.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        // No delay and nothing queued ahead: send from here. A hop through
+        // the pipe task would add a task switch to every packet of a "0 ms"
+        // WAN, which the sites would see as round-trip time.
+        if delay.is_zero() && self.queued.load(Ordering::Acquire) == 0 {
+            let sent = match to {
+                Some(a) => socket.try_send_to(&data, a),
+                None => socket.try_send(&data),
+            };
+            if !matches!(&sent, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+                return;
+            }
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
         let _ = pipe.send((Instant::now() + delay, data, socket, to));
     }
 }
@@ -87,8 +102,9 @@ struct Route {
     rev: Direction,
 }
 
-/// Sends queued packets at their due time, in queue order.
-fn spawn_pipe() -> mpsc::UnboundedSender<Packet> {
+/// Sends queued packets of one direction of `route` at their due time, in
+/// queue order.
+fn spawn_pipe(route: Arc<Route>, fwd: bool) -> mpsc::UnboundedSender<Packet> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Packet>();
     tokio::spawn(async move {
         let mut last = Instant::now();
@@ -96,11 +112,18 @@ fn spawn_pipe() -> mpsc::UnboundedSender<Packet> {
             // Never before the packet ahead of it: no reordering.
             let due = due.max(last);
             last = due;
-            tokio::time::sleep_until(due).await;
+            // tokio's timer rounds every deadline up to the next millisecond
+            // tick: a packet already due (no delay set) leaves now, or a
+            // "0 ms" WAN would add up to 1 ms each way.
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
             let _ = match to {
                 Some(a) => sock.send_to(&data, a).await,
                 None => sock.send(&data).await,
             };
+            let dir = if fwd { &route.fwd } else { &route.rev };
+            dir.queued.fetch_sub(1, Ordering::AcqRel);
         }
     });
     tx
@@ -119,8 +142,8 @@ async fn run_route(route: Arc<Route>) -> Result<()> {
             .with_context(|| format!("route {}: binding {}", route.name, route.listen))?,
     );
     big_buffers(&listen);
-    let fwd_pipe = spawn_pipe();
-    let rev_pipe = spawn_pipe();
+    let fwd_pipe = spawn_pipe(route.clone(), true);
+    let rev_pipe = spawn_pipe(route.clone(), false);
     let mut peers: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     loop {
