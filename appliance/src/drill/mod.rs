@@ -21,6 +21,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Whether a request sent at or after `fault` has been answered.
+fn answered_after(history: &load::History, fault: Instant) -> bool {
+    history
+        .records
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|r| r.start >= fault && r.end.is_some() && r.error.is_none())
+}
+
 /// Moves the calling thread into network namespace `name` (its sockets are
 /// then that namespace's).
 pub fn enter_netns(name: &str) -> std::io::Result<()> {
@@ -520,6 +530,14 @@ fn iteration(t: &Targets, o: &DrillOptions, i: u32, seed: u64, primary: Side) ->
     } else {
         None
     };
+    // Clients blocked since the fault come back at their TCP's next
+    // retransmission, which backs off to many seconds after a long cut:
+    // wait for the first reply to a request sent after the fault (an event,
+    // bounded only to catch a hang) before the settle time starts.
+    let waited_from = Instant::now();
+    while waited_from.elapsed() < limit && !answered_after(&load.history, fault) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     std::thread::sleep(o.settle);
     let (sa, sb) = (status(t, Side::A), status(t, Side::B));
     let live_after = match (is_live(&role(&sa)), is_live(&role(&sb))) {
