@@ -391,7 +391,7 @@ impl Lab {
         );
         ensure!(root_p == root_b, "disk roots differ: {root_p} vs {root_b}");
         ensure!(
-            std::fs::read(img(primary))? == std::fs::read(img(backup))?,
+            same_bytes(&img(primary), &img(backup))?,
             "the two disk images differ byte for byte"
         );
         Ok(root_p)
@@ -606,6 +606,27 @@ impl Lab {
         self.start_node(Site::B, &[])?;
         self.wait_status(Site::B, "the backup role", |v| v["role"] == "backup")?;
         self.wait_for_ping()
+    }
+}
+
+/// Whether files `a` and `b` hold the same bytes (read in 1 MiB pieces:
+/// disk images can be larger than memory allows twice).
+pub fn same_bytes(a: &Path, b: &Path) -> Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
     }
 }
 
