@@ -5,7 +5,7 @@ use ftvm_appliance::devices::console::Console;
 use ftvm_appliance::machine::Machine;
 use ftvm_appliance::replay::digest::PageRun;
 use ftvm_appliance::replay::env::{
-    DigestDue, EnvError, Environment, ExitPoint, LocalRead, Outcome, WaitOutcome,
+    DigestDue, EnvError, Environment, ExitPoint, Gather, LocalRead, Outcome, WaitOutcome,
 };
 use ftvm_appliance::replay::live::LiveWorld;
 use ftvm_appliance::vstate::vcpu::{VcpuControl, VcpuState};
@@ -28,8 +28,8 @@ impl Environment for Counting {
     fn entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError> {
         self.live.entropy(buf)
     }
-    fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError> {
-        self.live.wait(deadline_ns)
+    fn wait(&mut self, deadline_ns: u64, gather: Gather) -> Result<WaitOutcome, EnvError> {
+        self.live.wait(deadline_ns, gather)
     }
     fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError> {
         self.live.net_rx()

@@ -4,7 +4,7 @@
 
 use super::console::Console;
 use super::{DeviceAction, DeviceError, ExitContext, PioDevice};
-use crate::replay::env::Outcome;
+use crate::replay::env::{Gather, Outcome};
 use crate::vstate::layout::*;
 use crate::vstate::memory::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
@@ -23,6 +23,8 @@ pub const OP_PANIC: u32 = 5;
 
 pub const MAX_CONSOLE_WRITE: u64 = 64 << 10;
 pub const MAX_ENTROPY: u64 = 4096;
+/// Longest gathering window a `WAIT` may ask for (1 ms): moderation, not sleep.
+pub const MAX_GATHER_NS: u64 = 1_000_000;
 pub const MAX_PANIC_MESSAGE: u64 = 4096;
 const REQUEST_SIZE: u64 = 64;
 
@@ -140,7 +142,7 @@ impl Platform {
             return Ok(DeviceAction::Continue);
         }
         let req = self.read_request(ctx.mem, addr)?;
-        let [a0, a1, _a2] = req.args;
+        let [a0, a1, a2] = req.args;
         let mut ret = [0u64; 2];
         let ok = match req.op {
             OP_NOP => true,
@@ -159,8 +161,12 @@ impl Platform {
                     .map_err(mem_err(a0))?;
                 true
             }
-            OP_WAIT => {
-                let out = ctx.env.wait(a0)?;
+            OP_WAIT if a1 <= MAX_GATHER_NS => {
+                let gather = Gather {
+                    window_ns: a1,
+                    frames: a2,
+                };
+                let out = ctx.env.wait(a0, gather)?;
                 write_clock(ctx.mem, out.now_ns, ctx.ordinal)?;
                 ret[0] = u64::from(out.input_arrived);
                 true

@@ -1,12 +1,15 @@
 //! A TAP device: the live world's network. A reader thread takes frames off
-//! the TAP into a bounded queue (dropping when it is full, as a NIC would) and
-//! wakes a waiting guest; frames are handed to the guest only at exits.
+//! the TAP into a bounded queue (dropping when it is full, as a NIC would),
+//! counts them and tells the guest's [`Waker`]; frames are handed to the
+//! guest only at exits.
 
 use crate::replay::live::Waker;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
+use std::sync::Arc;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -60,8 +63,9 @@ pub struct Tap {
     name: String,
     file: File,
     rx: Receiver<Vec<u8>>,
-    peeked: Option<Vec<u8>>,
-    pub rx_dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Frames in `rx`: the reader counts up, taking counts down.
+    queued: Arc<AtomicUsize>,
+    pub rx_dropped: Arc<AtomicU64>,
 }
 
 impl Tap {
@@ -97,8 +101,10 @@ impl Tap {
             source,
         })?;
         let (tx, rx) = sync_channel(RX_BACKLOG);
-        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
         let dropped2 = dropped.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let queued2 = queued.clone();
         let tname = name.to_string();
         std::thread::Builder::new()
             .name(format!("tap-{name}"))
@@ -108,14 +114,17 @@ impl Tap {
                     match reader.read(&mut buf) {
                         Ok(0) => break,
                         Ok(n) => {
+                            // Counted before it is queued, so taking it
+                            // (which counts down) never sees it uncounted.
+                            let waiting = queued2.fetch_add(1, Ordering::AcqRel) + 1;
                             match tx.try_send(buf[..n].to_vec()) {
-                                Ok(()) => {}
+                                Ok(()) => waker.frames_arrived(waiting),
                                 Err(TrySendError::Full(_)) => {
-                                    dropped2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    queued2.fetch_sub(1, Ordering::AcqRel);
+                                    dropped2.fetch_add(1, Ordering::Relaxed);
                                 }
                                 Err(TrySendError::Disconnected(_)) => break,
                             }
-                            waker.wake();
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) => {
@@ -134,22 +143,21 @@ impl Tap {
             name: name.to_string(),
             file,
             rx,
-            peeked: None,
+            queued,
             rx_dropped: dropped,
         })
     }
 
     /// The next received frame, if any.
     pub fn try_recv(&mut self) -> Option<Vec<u8>> {
-        self.peeked.take().or_else(|| self.rx.try_recv().ok())
+        let frame = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        Some(frame)
     }
 
-    /// Whether a frame is waiting.
-    pub fn has_pending(&mut self) -> bool {
-        if self.peeked.is_none() {
-            self.peeked = self.rx.try_recv().ok();
-        }
-        self.peeked.is_some()
+    /// How many received frames wait.
+    pub fn waiting(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 
     /// Sends a frame; a failed send is a lost packet, as on any network.
@@ -173,8 +181,8 @@ impl Tap {
     /// Drops every frame received so far (a backup going live must not hand
     /// its guest frames that arrived while it was silent).
     pub fn discard_received(&mut self) -> usize {
-        let mut n = usize::from(self.peeked.take().is_some());
-        while self.rx.try_recv().is_ok() {
+        let mut n = 0;
+        while self.try_recv().is_some() {
             n += 1;
         }
         n

@@ -21,7 +21,7 @@ use super::replay_queue::LiveSource;
 use crate::devices::tap::TapWriter;
 use crate::replay::digest::PageRun;
 use crate::replay::env::{
-    DigestDue, EnvError, Environment, ExitPoint, LocalRead, Outcome, WaitOutcome,
+    DigestDue, EnvError, Environment, ExitPoint, Gather, LocalRead, Outcome, WaitOutcome,
 };
 use crate::replay::live::LiveWorld;
 use crate::replay::log::DiskReads;
@@ -347,8 +347,8 @@ impl Environment for FtEnv {
     fn entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError> {
         self.env().entropy(buf)
     }
-    fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError> {
-        self.env().wait(deadline_ns)
+    fn wait(&mut self, deadline_ns: u64, gather: Gather) -> Result<WaitOutcome, EnvError> {
+        self.env().wait(deadline_ns, gather)
     }
     fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError> {
         self.env().net_rx()

@@ -96,6 +96,19 @@ pub struct WaitOutcome {
     pub now_ns: u64,
 }
 
+/// How long a `WAIT` that found input may go on gathering more before the
+/// guest resumes (platform `WAIT`, `arg1` and `arg2`): interrupt moderation,
+/// asked for by the guest. Fewer, fuller exits cost less than many small
+/// ones (an exit costs about 30 us on PVM); the outcome is recorded as for
+/// any wait, so replay does not need to know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gather {
+    /// At most this long after the wait began (0: resume at the first input).
+    pub window_ns: u64,
+    /// Resume earlier once this many frames wait (0: the whole window).
+    pub frames: u64,
+}
+
 /// How the machine ended; recorded so that replay checks it ends the same way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
@@ -235,8 +248,9 @@ pub trait Environment {
     fn exit(&mut self, ordinal: u64, point: &ExitPoint) -> Result<u64, EnvError>;
     /// Random bytes for the guest.
     fn entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError>;
-    /// Idles until `deadline_ns` or until input arrives.
-    fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError>;
+    /// Idles until `deadline_ns` or until input arrives, then gathers more
+    /// input as `gather` allows.
+    fn wait(&mut self, deadline_ns: u64, gather: Gather) -> Result<WaitOutcome, EnvError>;
     /// One frame from the outside world for the guest, if one is waiting.
     fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError>;
     /// A frame the guest sent (an output).

@@ -1,16 +1,19 @@
 //! The live world: the host's monotonic clock, the host's entropy, real waits.
 
 use super::digest::PageRun;
-use super::env::{DigestDue, EnvError, Environment, ExitPoint, LocalRead, Outcome, WaitOutcome};
+use super::env::{
+    DigestDue, EnvError, Environment, ExitPoint, Gather, LocalRead, Outcome, WaitOutcome,
+};
 use crate::devices::tap::{Tap, TapError, TapWriter};
 use std::fs::File;
 use std::io::Read;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Wakes a guest that is waiting: the TAP reader when a frame arrives, and
-/// the signal handler when the machine must stop (sticky: every later wait
-/// returns at once).
+/// Wakes a guest that is waiting: the TAP reader once enough frames wait,
+/// anyone who needs the guest at an exit ([`Waker::wake`]), and the signal
+/// handler when the machine must stop (sticky: every later wait returns at
+/// once).
 #[derive(Debug, Clone, Default)]
 pub struct Waker {
     inner: Arc<(Mutex<WakeState>, Condvar)>,
@@ -18,15 +21,21 @@ pub struct Waker {
 
 #[derive(Debug, Default)]
 struct WakeState {
-    input: bool,
+    /// The frames the current wait asks for are waiting.
+    frames: bool,
+    /// Something other than a frame needs the guest at an exit; kept until
+    /// a wait sees it, so a kick just before a WAIT is not lost.
+    kicked: bool,
     stopping: bool,
+    /// Frames the current wait asks for (0: nobody waits).
+    want: usize,
 }
 
 impl Waker {
-    /// New input may be waiting.
+    /// Ends the current (or next) wait: the guest is needed at an exit.
     pub fn wake(&self) {
         let (lock, cv) = &*self.inner;
-        lock.lock().unwrap_or_else(|p| p.into_inner()).input = true;
+        lock.lock().unwrap_or_else(|p| p.into_inner()).kicked = true;
         cv.notify_all();
     }
 
@@ -37,19 +46,36 @@ impl Waker {
         cv.notify_all();
     }
 
-    /// Forgets input wakes already seen (their frames were taken at an exit).
-    fn clear_input(&self) {
-        self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).input = false;
+    /// The TAP reader queued a frame; `waiting` frames wait now. Wakes the
+    /// guest only when that is what its wait asked for, so a burst costs
+    /// one wake-up rather than one per frame.
+    pub fn frames_arrived(&self, waiting: usize) {
+        let (lock, cv) = &*self.inner;
+        let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if w.want > 0 && waiting >= w.want && !w.frames {
+            w.frames = true;
+            cv.notify_all();
+        }
     }
 
-    /// Waits up to `timeout` for a wake; returns whether input (not a stop) came.
-    fn wait_for(&self, timeout: Duration) -> bool {
+    /// Waits up to `timeout` until `want` frames wait (as `waiting` counts
+    /// them), a kick or a stop. True if the frames are there or a kick came.
+    fn wait_for(&self, timeout: Duration, want: usize, waiting: impl Fn() -> usize) -> bool {
         let (lock, cv) = &*self.inner;
-        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut guard, _) = cv
-            .wait_timeout_while(guard, timeout, |w| !w.input && !w.stopping)
-            .unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut guard.input)
+        let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Counted under the lock after `want` is set: a frame queued after
+        // this look finds `want` and wakes us (the reader counts, then locks).
+        w.want = want.max(1);
+        w.frames = waiting() >= w.want;
+        if !w.frames && !w.kicked && !w.stopping && !timeout.is_zero() {
+            w = cv
+                .wait_timeout_while(w, timeout, |w| !w.frames && !w.kicked && !w.stopping)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        w.want = 0;
+        let kicked = std::mem::take(&mut w.kicked);
+        std::mem::take(&mut w.frames) || kicked
     }
 }
 
@@ -158,22 +184,34 @@ impl LiveWorld {
         self.urandom.read_exact(buf).map_err(EnvError::Entropy)
     }
 
-    pub fn wait_until(&mut self, deadline_ns: u64) -> WaitOutcome {
-        let now = self.now_ns();
-        // Clear first, then look: a frame arriving after the look sets the
-        // flag again and ends the wait, so none is missed and none is stale.
-        self.waker.clear_input();
-        if self.tap.as_mut().is_some_and(Tap::has_pending) {
-            return WaitOutcome {
-                input_arrived: true,
-                now_ns: now,
+    /// Frames received and not yet handed to the guest.
+    fn frames_waiting(&self) -> usize {
+        self.tap.as_ref().map_or(0, Tap::waiting)
+    }
+
+    /// Blocks until `want` frames wait, a kick or a stop, or until `until_ns`.
+    fn wait_for_frames(&mut self, until_ns: u64, want: usize) -> bool {
+        let timeout = Duration::from_nanos(until_ns.saturating_sub(self.now_ns()));
+        let tap = self.tap.as_ref();
+        self.waker
+            .wait_for(timeout, want, || tap.map_or(0, Tap::waiting))
+    }
+
+    /// Platform `WAIT`: idles until the deadline or the first input; then,
+    /// if `gather` asks, keeps gathering until its window closes or its
+    /// frame count waits (a kick or a stop ends it at once).
+    pub fn wait_until(&mut self, deadline_ns: u64, gather: Gather) -> WaitOutcome {
+        let start = self.now_ns();
+        let input_arrived = self.frames_waiting() > 0 || self.wait_for_frames(deadline_ns, 1);
+        if input_arrived && gather.window_ns > 0 {
+            let want = match gather.frames {
+                0 => usize::MAX,
+                n => usize::try_from(n).unwrap_or(usize::MAX),
             };
+            if self.frames_waiting() < want {
+                self.wait_for_frames(start.saturating_add(gather.window_ns), want);
+            }
         }
-        let input_arrived = if deadline_ns > now {
-            self.waker.wait_for(Duration::from_nanos(deadline_ns - now))
-        } else {
-            false
-        };
         WaitOutcome {
             input_arrived,
             now_ns: self.now_ns(),
@@ -189,8 +227,8 @@ impl Environment for LiveWorld {
     fn entropy(&mut self, buf: &mut [u8]) -> Result<(), EnvError> {
         self.fill_entropy(buf)
     }
-    fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError> {
-        Ok(self.wait_until(deadline_ns))
+    fn wait(&mut self, deadline_ns: u64, gather: Gather) -> Result<WaitOutcome, EnvError> {
+        Ok(self.wait_until(deadline_ns, gather))
     }
     fn net_rx(&mut self) -> Result<Option<Vec<u8>>, EnvError> {
         Ok(self.receive_frame())
@@ -224,5 +262,57 @@ impl Environment for LiveWorld {
     }
     fn finish(&mut self, _: u64, _: &Outcome, _: [u8; 32]) -> Result<(), EnvError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Long enough that only a lost wake-up reaches it.
+    const HANG: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_wait_for_several_frames_ends_when_the_last_of_them_arrives() {
+        let waker = Waker::default();
+        let count = Arc::new(AtomicUsize::new(0));
+        let (w, c) = (waker.clone(), count.clone());
+        let reader = std::thread::spawn(move || {
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(5));
+                let n = c.fetch_add(1, Ordering::AcqRel) + 1;
+                w.frames_arrived(n);
+            }
+        });
+        assert!(waker.wait_for(HANG, 3, || count.load(Ordering::Acquire)));
+        assert_eq!(count.load(Ordering::Acquire), 3);
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn fewer_frames_than_asked_for_end_the_wait_only_at_its_timeout() {
+        let waker = Waker::default();
+        waker.frames_arrived(1);
+        assert!(!waker.wait_for(Duration::from_millis(20), 2, || 1));
+        // Frames already waiting satisfy a wait at once.
+        assert!(waker.wait_for(HANG, 1, || 1));
+    }
+
+    #[test]
+    fn a_kick_before_the_wait_is_kept_and_ends_it() {
+        let waker = Waker::default();
+        waker.wake();
+        assert!(waker.wait_for(HANG, 1, || 0));
+        // Seen once: the next wait is not ended by it.
+        assert!(!waker.wait_for(Duration::from_millis(1), 1, || 0));
+    }
+
+    #[test]
+    fn a_stop_ends_every_wait() {
+        let waker = Waker::default();
+        waker.stop();
+        assert!(!waker.wait_for(HANG, 1, || 0));
+        assert!(!waker.wait_for(HANG, 5, || 0));
     }
 }

@@ -4,7 +4,7 @@
 
 use super::digest::PageRun;
 use super::env::{
-    DigestDue, EnvError, Environment, ExitPoint, Input, LocalRead, Outcome, WaitOutcome,
+    DigestDue, EnvError, Environment, ExitPoint, Gather, Input, LocalRead, Outcome, WaitOutcome,
 };
 use super::live::LiveWorld;
 use super::log::{DiskReads, Entry, LogSink, TxDigest, INPUT_BYTES_PER_ENTRY};
@@ -119,8 +119,8 @@ impl<S: LogSink> Environment for Recorder<S> {
         Ok(())
     }
 
-    fn wait(&mut self, deadline_ns: u64) -> Result<WaitOutcome, EnvError> {
-        let out = self.live.wait_until(deadline_ns);
+    fn wait(&mut self, deadline_ns: u64, gather: Gather) -> Result<WaitOutcome, EnvError> {
+        let out = self.live.wait_until(deadline_ns, gather);
         self.push_input(Input::Wake {
             input_arrived: out.input_arrived,
             now_ns: out.now_ns,

@@ -10,7 +10,7 @@
 
 use super::digest::{hex, PageRun};
 use super::env::{
-    DigestDue, EnvError, Environment, ExitPoint, Input, LocalRead, Outcome, WaitOutcome,
+    DigestDue, EnvError, Environment, ExitPoint, Gather, Input, LocalRead, Outcome, WaitOutcome,
 };
 use super::log::{Entry, EntrySource, TxCheck, TxDigest};
 use crate::devices::virtio::block::SECTOR_SIZE;
@@ -185,7 +185,7 @@ impl<S: EntrySource> Environment for Replayer<S> {
         }
     }
 
-    fn wait(&mut self, _deadline_ns: u64) -> Result<WaitOutcome, EnvError> {
+    fn wait(&mut self, _deadline_ns: u64, _gather: Gather) -> Result<WaitOutcome, EnvError> {
         match self.next_input("a wait")? {
             Input::Wake {
                 input_arrived,

@@ -115,6 +115,11 @@ impl NetDevice {
         core::mem::take(&mut self.inner.get_mut().tx_queued)
     }
 
+    /// Frames handed to smoltcp so far.
+    pub fn rx_frames(&self) -> u64 {
+        self.inner.borrow().rx_frames
+    }
+
     /// True if a received frame waits in the used ring.
     pub fn rx_pending(&self) -> bool {
         self.inner.borrow().raw.poll_receive().is_some()

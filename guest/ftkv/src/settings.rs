@@ -9,6 +9,8 @@
 //! | `maxmemory=BYTES` | `67108864` | keyspace limit (`-OOM` beyond it) |
 //! | `clock_base_ms=N` | `0` | added to the platform clock for the engine's time (SET EX/PX) |
 //! | `format` | off | overwrite a disk that holds no ftkv log |
+//! | `gather_us=N` | `100` | under load, let the VMM gather input for up to N us per exit (0..=1000; 0: off; `src/server.rs`) |
+//! | `gather_frames=N` | `0` | ... or until N frames wait (0: as many as connections are open) |
 
 use alloc::format;
 use alloc::string::String;
@@ -25,6 +27,9 @@ pub struct Settings {
     pub max_clients: usize,
     pub clock_base_ms: u64,
     pub format: bool,
+    /// Interrupt moderation: see `server.rs`, step 5.
+    pub gather_ns: u64,
+    pub gather_frames: u64,
     pub engine: Config,
 }
 
@@ -78,6 +83,8 @@ impl Settings {
             max_clients,
             clock_base_ms: number("clock_base_ms", 0, u64::MAX / 2)?,
             format: cmdline::get("format").is_some(),
+            gather_ns: number("gather_us", 100, ftvm_guest_rt::MAX_GATHER_NS / 1000)? * 1000,
+            gather_frames: number("gather_frames", 0, 1 << 20)?,
             engine: Config {
                 max_memory: max_memory as usize,
                 ..Config::default()

@@ -37,7 +37,8 @@ mod start;
 
 pub use heap::{heap_stats, HeapStats};
 pub use platform::{
-    entropy, exit_ordinal, image_end, mem_size, nop, now_ns, power_off, wait_until,
+    entropy, exit_ordinal, image_end, mem_size, nop, now_ns, power_off, wait_gathering, wait_until,
+    MAX_GATHER_NS,
 };
 pub use start::STACK_SIZE;
 

@@ -212,8 +212,26 @@ pub fn entropy(buf: &mut [u8]) {
 /// arrives, whichever is first. Returns true if input arrived. [`now_ns`]
 /// shows the wake time afterwards.
 pub fn wait_until(deadline_ns: u64) -> bool {
+    wait_gathering(deadline_ns, 0, 0)
+}
+
+/// Longest gathering window [`wait_gathering`] may ask for.
+pub const MAX_GATHER_NS: u64 = 1_000_000;
+
+/// [`wait_until`], and once input has arrived, let the VMM gather more for
+/// up to `window_ns` after the wait began (at most [`MAX_GATHER_NS`]), or
+/// until `frames` frames wait (0: the whole window). A guest under load
+/// uses it to take a batch per exit instead of one exit per few frames.
+pub fn wait_gathering(deadline_ns: u64, window_ns: u64, frames: u64) -> bool {
     // SAFETY: WAIT carries no addresses.
-    let r = unsafe { request(Op::Wait as u32, deadline_ns, 0, 0) };
+    let r = unsafe {
+        request(
+            Op::Wait as u32,
+            deadline_ns,
+            window_ns.min(MAX_GATHER_NS),
+            frames,
+        )
+    };
     check(r, "WAIT");
     r.ret0 != 0
 }
