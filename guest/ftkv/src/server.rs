@@ -289,13 +289,15 @@ pub fn run(settings: Settings, engine: Engine, log: Option<Aof>, mut device: Net
         // for at most one such round; the next exit (a commit's included,
         // which saves the exit of its own) carries them.
         tx_waiting |= device.take_queued() > 0;
-        if device.rx_frames() != served && !(tx_waiting && tx_deferred) {
+        let unserved = device.rx_frames() != served;
+        if unserved && !(tx_waiting && tx_deferred) {
             tx_deferred = tx_waiting;
             continue;
         }
         tx_waiting = false;
         tx_deferred = false;
-        if device.rx_pending() {
+        // Requests already in the sockets must not sit through a WAIT.
+        if unserved || device.rx_pending() {
             nop();
             continue;
         }
