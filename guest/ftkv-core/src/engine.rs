@@ -18,6 +18,10 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
+use foldhash::fast::FixedState;
+
+/// The keyspace's table (see [`Engine`]'s `map`).
+type KeyMap<V> = hashbrown::HashMap<Vec<u8>, V, FixedState>;
 
 /// Bytes charged per key on top of the key and value lengths, for memory
 /// accounting (map node, vector headers).
@@ -53,6 +57,11 @@ pub struct Config {
     /// Most bytes of keys one connection may WATCH, counted the same way.
     /// Default 64 KiB.
     pub max_watched_bytes: usize,
+    /// Seeds the keyspace's hash function. ftkv draws it from the
+    /// platform's entropy at boot, so clients cannot choose keys that
+    /// collide; replay sees the same seed (entropy is a logged input).
+    /// Default 0.
+    pub hash_seed: u64,
 }
 
 impl Default for Config {
@@ -63,6 +72,7 @@ impl Default for Config {
             max_queued_commands: 10_000,
             max_queued_bytes: 1024 * 1024,
             max_watched_bytes: 64 * 1024,
+            hash_seed: 0,
         }
     }
 }
@@ -301,7 +311,11 @@ struct Stats {
 #[derive(Debug)]
 pub struct Engine {
     config: Config,
-    map: BTreeMap<Vec<u8>, Entry>,
+    /// A hash table, like Redis's dict: a lookup hashes the key once and
+    /// compares it with one or two stored keys, however many there are.
+    /// (An ordered map compared ~18 stored keys per lookup at 200k keys,
+    /// each behind a pointer: MSET slowed as the keyspace grew.)
+    map: KeyMap<Entry>,
     used_memory: usize,
     /// Keys that have an expiry (for DBSIZE and INFO).
     with_expiry: usize,
@@ -456,7 +470,7 @@ impl Engine {
     pub fn new(config: Config) -> Self {
         Engine {
             config,
-            map: BTreeMap::new(),
+            map: KeyMap::with_hasher(FixedState::with_seed(config.hash_seed)),
             used_memory: 0,
             with_expiry: 0,
             log_budget: None,
@@ -524,9 +538,13 @@ impl Engine {
     /// Every stored entry (key, value, absolute expiry), in key order,
     /// including expired entries not yet removed.
     pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8], Option<u64>)> {
-        self.map
+        let mut all: Vec<(&[u8], &[u8], Option<u64>)> = self
+            .map
             .iter()
             .map(|(k, e)| (k.as_slice(), e.value.as_slice(), e.expire_at))
+            .collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all.into_iter()
     }
 
     /// Removes every key expired at `now_ms` (call after replay at boot, and
@@ -652,14 +670,26 @@ impl Engine {
         Some(e)
     }
 
+    /// Sets `key` (replacing any entry): one lookup.
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>, expire_at: Option<u64>) {
-        self.remove(&key);
         self.touch(&key);
         self.used_memory += entry_size(&key, &value);
         if expire_at.is_some() {
             self.with_expiry += 1;
         }
-        self.map.insert(key, Entry { value, expire_at });
+        let entry = Entry { value, expire_at };
+        match self.map.entry(key) {
+            hashbrown::hash_map::Entry::Occupied(mut slot) => {
+                let old = core::mem::replace(slot.get_mut(), entry);
+                self.used_memory -= entry_size(slot.key(), &old.value);
+                if old.expire_at.is_some() {
+                    self.with_expiry -= 1;
+                }
+            }
+            hashbrown::hash_map::Entry::Vacant(slot) => {
+                slot.insert(entry);
+            }
+        }
     }
 
     fn apply(&mut self, m: Mutation) {

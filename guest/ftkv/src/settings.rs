@@ -87,6 +87,11 @@ impl Settings {
             gather_frames: number("gather_frames", 0, 1 << 20)?,
             engine: Config {
                 max_memory: max_memory as usize,
+                hash_seed: {
+                    let mut seed = [0u8; 8];
+                    ftvm_guest_rt::entropy(&mut seed);
+                    u64::from_le_bytes(seed)
+                },
                 ..Config::default()
             },
         })
