@@ -1,21 +1,23 @@
-//! A TAP device: the live world's network. A reader thread takes frames off
-//! the TAP into a bounded queue (dropping when it is full, as a NIC would),
-//! counts them and tells the guest's [`Waker`]; frames are handed to the
-//! guest only at exits.
+//! A TAP device: the live world's network. The descriptor is non-blocking
+//! and read by the vCPU thread itself: at an exit it takes what arrived
+//! (frames are handed to the guest only at exits anyway), and a waiting
+//! guest's [`Waker`](crate::replay::live::Waker) polls the descriptor. No
+//! reader thread: on this host a thread that blocks in `read` and wakes the
+//! vCPU thread per frame cost more CPU per request than the guest's work.
 
-use crate::replay::live::Waker;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, TrySendError};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-/// Frames waiting for the guest before new ones are dropped.
+/// Frames taken off the TAP and not yet handed to the guest; beyond these
+/// they wait in the kernel's queue (which drops when full, as a NIC would).
 const RX_BACKLOG: usize = 4096;
+/// Largest frame read (the TAP has no offloads: at most the MTU plus headers).
+const FRAME_BUF: usize = 65536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
@@ -62,26 +64,28 @@ fn ifreq(name: &str, flags: libc::c_short) -> IfReq {
 pub struct Tap {
     name: String,
     file: File,
-    rx: Receiver<Vec<u8>>,
-    /// Frames in `rx`: the reader counts up, taking counts down.
-    queued: Arc<AtomicUsize>,
-    pub rx_dropped: Arc<AtomicU64>,
+    /// Frames read and not yet taken, oldest first.
+    rx: VecDeque<Vec<u8>>,
+    buf: Vec<u8>,
+    /// A read failed: no more frames will arrive (logged once).
+    broken: bool,
 }
 
 impl Tap {
-    /// Opens (creating if needed) TAP `name`, brings it up, and starts its reader.
-    pub fn open(name: &str, waker: Waker) -> Result<Self, TapError> {
+    /// Opens (creating if needed) TAP `name`, non-blocking, and brings it up.
+    pub fn open(name: &str) -> Result<Self, TapError> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
             return Err(TapError::Name(name.to_string()));
         }
+        let open_err = |source| TapError::Open {
+            name: name.into(),
+            source,
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/net/tun")
-            .map_err(|source| TapError::Open {
-                name: name.into(),
-                source,
-            })?;
+            .map_err(open_err)?;
         let mut req = ifreq(name, IFF_TAP | IFF_NO_PI);
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is (same
         // layout as the kernel's struct ifreq: name then a union of 24 bytes).
@@ -92,72 +96,62 @@ impl Tap {
                 source: std::io::Error::last_os_error(),
             });
         }
+        // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns.
+        let nonblocking = unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            flags >= 0
+                && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !nonblocking {
+            return Err(open_err(std::io::Error::last_os_error()));
+        }
         link_up(name).map_err(|source| TapError::LinkUp {
             name: name.into(),
             source,
         })?;
-        let mut reader = file.try_clone().map_err(|source| TapError::Open {
-            name: name.into(),
-            source,
-        })?;
-        let (tx, rx) = sync_channel(RX_BACKLOG);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let dropped2 = dropped.clone();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let queued2 = queued.clone();
-        let tname = name.to_string();
-        std::thread::Builder::new()
-            .name(format!("tap-{name}"))
-            .spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match reader.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            // Counted before it is queued, so taking it
-                            // (which counts down) never sees it uncounted.
-                            let waiting = queued2.fetch_add(1, Ordering::AcqRel) + 1;
-                            match tx.try_send(buf[..n].to_vec()) {
-                                Ok(()) => waker.frames_arrived(waiting),
-                                Err(TrySendError::Full(_)) => {
-                                    queued2.fetch_sub(1, Ordering::AcqRel);
-                                    dropped2.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Err(TrySendError::Disconnected(_)) => break,
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            tracing::error!(tap = %tname, error = %e, "TAP read failed; no more frames will arrive");
-                            break;
-                        }
-                    }
-                }
-            })
-            .map_err(|source| TapError::Open {
-                name: name.into(),
-                source,
-            })?;
         tracing::info!(tap = name, "TAP open");
         Ok(Tap {
             name: name.to_string(),
             file,
-            rx,
-            queued,
-            rx_dropped: dropped,
+            rx: VecDeque::new(),
+            buf: vec![0u8; FRAME_BUF],
+            broken: false,
         })
+    }
+
+    /// Takes the frames that arrived off the descriptor (up to the backlog).
+    fn fill(&mut self) {
+        while !self.broken && self.rx.len() < RX_BACKLOG {
+            match (&self.file).read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => self.rx.push_back(self.buf[..n].to_vec()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::error!(tap = %self.name, error = %e, "TAP read failed; no more frames will arrive");
+                    self.broken = true;
+                }
+            }
+        }
     }
 
     /// The next received frame, if any.
     pub fn try_recv(&mut self) -> Option<Vec<u8>> {
-        let frame = self.rx.try_recv().ok()?;
-        self.queued.fetch_sub(1, Ordering::AcqRel);
-        Some(frame)
+        if self.rx.is_empty() {
+            self.fill();
+        }
+        self.rx.pop_front()
     }
 
-    /// How many received frames wait.
-    pub fn waiting(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+    /// How many received frames wait (taking what arrived first).
+    pub fn waiting(&mut self) -> usize {
+        self.fill();
+        self.rx.len()
+    }
+
+    /// The descriptor to poll for arriving frames.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 
     /// Sends a frame; a failed send is a lost packet, as on any network.

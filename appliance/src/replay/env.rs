@@ -230,6 +230,8 @@ pub enum EnvError {
     Log(#[from] LogError),
     #[error("entropy source failed: {0}")]
     Entropy(#[source] std::io::Error),
+    #[error("cannot create the eventfd that wakes a waiting guest: {0}")]
+    Waker(#[source] std::io::Error),
     #[error("local disk read failed, stopping rather than diverging: {0}")]
     DiskRead(String),
     /// The machine was asked to stop while it waited for the log or for

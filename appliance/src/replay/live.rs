@@ -7,75 +7,115 @@ use super::env::{
 use crate::devices::tap::{Tap, TapError, TapWriter};
 use std::fs::File;
 use std::io::Read;
-use std::sync::{Arc, Condvar, Mutex};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Wakes a guest that is waiting: the TAP reader once enough frames wait,
-/// anyone who needs the guest at an exit ([`Waker::wake`]), and the signal
-/// handler when the machine must stop (sticky: every later wait returns at
-/// once).
-#[derive(Debug, Clone, Default)]
+/// Wakes a guest that is waiting: anyone who needs the guest at an exit
+/// ([`Waker::wake`]), and the signal handler when the machine must stop
+/// (sticky: every later wait returns at once). Frames need no waker: the
+/// waiting vCPU thread polls the TAP itself.
+#[derive(Debug, Clone)]
 pub struct Waker {
-    inner: Arc<(Mutex<WakeState>, Condvar)>,
+    inner: Arc<WakeState>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct WakeState {
-    /// The frames the current wait asks for are waiting.
-    frames: bool,
+    /// Readable while a wake or stop is unseen (an eventfd).
+    event: OwnedFd,
     /// Something other than a frame needs the guest at an exit; kept until
     /// a wait sees it, so a kick just before a WAIT is not lost.
-    kicked: bool,
-    stopping: bool,
-    /// Frames the current wait asks for (0: nobody waits).
-    want: usize,
+    kicked: AtomicBool,
+    stopping: AtomicBool,
 }
 
 impl Waker {
+    pub fn new() -> std::io::Result<Waker> {
+        // SAFETY: plain eventfd(2); the descriptor is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let event = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Waker {
+            inner: Arc::new(WakeState {
+                event,
+                kicked: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
+            }),
+        })
+    }
+
     /// Ends the current (or next) wait: the guest is needed at an exit.
     pub fn wake(&self) {
-        let (lock, cv) = &*self.inner;
-        lock.lock().unwrap_or_else(|p| p.into_inner()).kicked = true;
-        cv.notify_all();
+        self.inner.kicked.store(true, Ordering::SeqCst);
+        self.signal();
     }
 
     /// The machine is stopping: no wait may block any more.
     pub fn stop(&self) {
-        let (lock, cv) = &*self.inner;
-        lock.lock().unwrap_or_else(|p| p.into_inner()).stopping = true;
-        cv.notify_all();
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.signal();
     }
 
-    /// The TAP reader queued a frame; `waiting` frames wait now. Wakes the
-    /// guest only when that is what its wait asked for, so a burst costs
-    /// one wake-up rather than one per frame.
-    pub fn frames_arrived(&self, waiting: usize) {
-        let (lock, cv) = &*self.inner;
-        let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if w.want > 0 && waiting >= w.want && !w.frames {
-            w.frames = true;
-            cv.notify_all();
-        }
+    fn signal(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd. A full
+        // counter (EAGAIN) already wakes any waiter, so errors are moot.
+        let _ = unsafe { libc::write(self.inner.event.as_raw_fd(), one.as_ptr().cast(), 8) };
     }
 
-    /// Waits up to `timeout` until `want` frames wait (as `waiting` counts
-    /// them), a kick or a stop. True if the frames are there or a kick came.
-    fn wait_for(&self, timeout: Duration, want: usize, waiting: impl Fn() -> usize) -> bool {
-        let (lock, cv) = &*self.inner;
-        let mut w = lock.lock().unwrap_or_else(|p| p.into_inner());
-        // Counted under the lock after `want` is set: a frame queued after
-        // this look finds `want` and wakes us (the reader counts, then locks).
-        w.want = want.max(1);
-        w.frames = waiting() >= w.want;
-        if !w.frames && !w.kicked && !w.stopping && !timeout.is_zero() {
-            w = cv
-                .wait_timeout_while(w, timeout, |w| !w.frames && !w.kicked && !w.stopping)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+    /// Waits up to `timeout` until `ready` says yes (it is asked again
+    /// whenever `input` becomes readable), a kick or a stop. True if ready
+    /// or kicked.
+    fn wait_for(
+        &self,
+        timeout: Duration,
+        input: Option<RawFd>,
+        mut ready: impl FnMut() -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready() || self.inner.kicked.swap(false, Ordering::SeqCst) {
+                return true;
+            }
+            if self.inner.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.inner.event.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: input.unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let ts = libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(left.subsec_nanos() as i32),
+            };
+            // SAFETY: `fds` and `ts` are live for the call; a negative fd
+            // is ignored by ppoll.
+            let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+            if n > 0 && fds[0].revents != 0 {
+                let mut count = [0u8; 8];
+                // SAFETY: reads 8 bytes into a live buffer (resets the eventfd).
+                let _ = unsafe {
+                    libc::read(self.inner.event.as_raw_fd(), count.as_mut_ptr().cast(), 8)
+                };
+            }
         }
-        w.want = 0;
-        let kicked = std::mem::take(&mut w.kicked);
-        std::mem::take(&mut w.frames) || kicked
     }
 }
 
@@ -115,7 +155,7 @@ impl LiveWorld {
             base_ns: 0,
             last_ns: 0,
             urandom: File::open("/dev/urandom").map_err(EnvError::Entropy)?,
-            waker: Waker::default(),
+            waker: Waker::new().map_err(EnvError::Waker)?,
             tap: None,
             output: None,
         })
@@ -124,7 +164,7 @@ impl LiveWorld {
     /// Connects the guest's network card to TAP `name`; frames the guest
     /// sends go straight to it until [`LiveWorld::set_output`].
     pub fn attach_tap(&mut self, name: &str) -> Result<(), TapError> {
-        let tap = Tap::open(name, self.waker.clone())?;
+        let tap = Tap::open(name)?;
         self.output = Some(Box::new(tap.writer()?));
         self.tap = Some(tap);
         Ok(())
@@ -185,16 +225,21 @@ impl LiveWorld {
     }
 
     /// Frames received and not yet handed to the guest.
-    fn frames_waiting(&self) -> usize {
-        self.tap.as_ref().map_or(0, Tap::waiting)
+    fn frames_waiting(&mut self) -> usize {
+        self.tap.as_mut().map_or(0, Tap::waiting)
     }
 
     /// Blocks until `want` frames wait, a kick or a stop, or until `until_ns`.
     fn wait_for_frames(&mut self, until_ns: u64, want: usize) -> bool {
         let timeout = Duration::from_nanos(until_ns.saturating_sub(self.now_ns()));
-        let tap = self.tap.as_ref();
-        self.waker
-            .wait_for(timeout, want, || tap.map_or(0, Tap::waiting))
+        match self.tap.as_mut() {
+            Some(tap) => {
+                let fd = tap.fd().as_raw_fd();
+                self.waker
+                    .wait_for(timeout, Some(fd), || tap.waiting() >= want)
+            }
+            None => self.waker.wait_for(timeout, None, || false),
+        }
     }
 
     /// Platform `WAIT`: idles until the deadline or the first input; then,
@@ -268,51 +313,95 @@ impl Environment for LiveWorld {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
 
     /// Long enough that only a lost wake-up reaches it.
     const HANG: Duration = Duration::from_secs(60);
 
+    /// A stand-in for the TAP: bytes written to one end are "frames"
+    /// arriving on the other, which `ready` counts as it reads them.
+    fn frames() -> (UnixStream, UnixStream) {
+        let (tx, rx) = UnixStream::pair().unwrap();
+        rx.set_nonblocking(true).unwrap();
+        (tx, rx)
+    }
+
+    fn take(mut rx: &UnixStream, seen: &mut usize) {
+        let mut b = [0u8; 64];
+        while let Ok(n) = rx.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            *seen += n;
+        }
+    }
+
     #[test]
     fn a_wait_for_several_frames_ends_when_the_last_of_them_arrives() {
-        let waker = Waker::default();
-        let count = Arc::new(AtomicUsize::new(0));
-        let (w, c) = (waker.clone(), count.clone());
-        let reader = std::thread::spawn(move || {
+        let waker = Waker::new().unwrap();
+        let (mut tx, rx) = frames();
+        let sender = std::thread::spawn(move || {
             for _ in 0..3 {
                 std::thread::sleep(Duration::from_millis(5));
-                let n = c.fetch_add(1, Ordering::AcqRel) + 1;
-                w.frames_arrived(n);
+                tx.write_all(b"f").unwrap();
             }
+            tx
         });
-        assert!(waker.wait_for(HANG, 3, || count.load(Ordering::Acquire)));
-        assert_eq!(count.load(Ordering::Acquire), 3);
-        reader.join().unwrap();
+        let mut seen = 0;
+        assert!(waker.wait_for(HANG, Some(rx.as_raw_fd()), || {
+            take(&rx, &mut seen);
+            seen >= 3
+        }));
+        assert_eq!(seen, 3);
+        sender.join().unwrap();
     }
 
     #[test]
     fn fewer_frames_than_asked_for_end_the_wait_only_at_its_timeout() {
-        let waker = Waker::default();
-        waker.frames_arrived(1);
-        assert!(!waker.wait_for(Duration::from_millis(20), 2, || 1));
+        let waker = Waker::new().unwrap();
+        let (mut tx, rx) = frames();
+        tx.write_all(b"f").unwrap();
+        let mut seen = 0;
+        let start = Instant::now();
+        assert!(
+            !waker.wait_for(Duration::from_millis(20), Some(rx.as_raw_fd()), || {
+                take(&rx, &mut seen);
+                seen >= 2
+            })
+        );
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        assert_eq!(seen, 1);
         // Frames already waiting satisfy a wait at once.
-        assert!(waker.wait_for(HANG, 1, || 1));
+        assert!(waker.wait_for(HANG, Some(rx.as_raw_fd()), || seen >= 1));
     }
 
     #[test]
     fn a_kick_before_the_wait_is_kept_and_ends_it() {
-        let waker = Waker::default();
+        let waker = Waker::new().unwrap();
         waker.wake();
-        assert!(waker.wait_for(HANG, 1, || 0));
+        assert!(waker.wait_for(HANG, None, || false));
         // Seen once: the next wait is not ended by it.
-        assert!(!waker.wait_for(Duration::from_millis(1), 1, || 0));
+        assert!(!waker.wait_for(Duration::from_millis(1), None, || false));
+    }
+
+    #[test]
+    fn a_kick_from_another_thread_ends_a_wait_in_progress() {
+        let waker = Waker::new().unwrap();
+        let w = waker.clone();
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            w.wake();
+        });
+        assert!(waker.wait_for(HANG, None, || false));
+        kicker.join().unwrap();
     }
 
     #[test]
     fn a_stop_ends_every_wait() {
-        let waker = Waker::default();
+        let waker = Waker::new().unwrap();
         waker.stop();
-        assert!(!waker.wait_for(HANG, 1, || 0));
-        assert!(!waker.wait_for(HANG, 5, || 0));
+        assert!(!waker.wait_for(HANG, None, || false));
+        assert!(!waker.wait_for(HANG, None, || false));
     }
 }
