@@ -138,9 +138,9 @@ pub fn run_disk(
                     format!("size differs: {} vs {} bytes", ha.size(), hb.size()),
                 )?;
             }
-            let ranges = diff(ha, hb)?;
+            let ranges = diff(&ha, &hb)?;
             // Byte ranges are taken against the larger disk.
-            let wide = if ha.size() >= hb.size() { ha } else { hb };
+            let wide = if ha.size() >= hb.size() { &ha } else { &hb };
             let mut chunks = 0;
             let mut bytes = 0;
             for r in &ranges {

@@ -1,4 +1,9 @@
-//! Raw image files with chunk hashes kept up to date.
+//! Raw image files with chunk hashes kept up to date. A write that covers
+//! whole chunks hashes them from its data; a chunk a write covers only in
+//! part is marked stale and hashed again from the file when the hashes are
+//! next read (`merkle_root`, `chunk_hashes`), so a log that appends a few
+//! KiB per write into the same chunk costs one chunk hash per digest, not
+//! one per write.
 
 use crate::merkle::{chunk_count, leaf_hash, ChunkHashes, Hash32, MerkleTree};
 use crate::{check_chunk_size, StorageError};
@@ -7,7 +12,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Chunks written since tracking started: what a disk resync must send
 /// again because it changed while the copy ran. Shared between the image's
@@ -64,11 +70,22 @@ pub struct DiskImage {
     path: PathBuf,
     file: File,
     writable: bool,
+    size: u64,
+    chunk_size: u64,
     /// Set when a failed write left chunk contents unknown and they could
     /// not be re-read: every later call fails until the image is reopened.
-    poisoned: bool,
-    tree: MerkleTree,
+    poisoned: AtomicBool,
+    /// Behind a lock so that reading the hashes (`&self`) can bring stale
+    /// leaves up to date.
+    hashes: Mutex<Hashes>,
     written: Arc<WrittenChunks>,
+}
+
+#[derive(Debug)]
+struct Hashes {
+    tree: MerkleTree,
+    /// Chunks written in part since their leaf was last computed.
+    stale: BTreeSet<u64>,
 }
 
 impl DiskImage {
@@ -114,8 +131,10 @@ impl DiskImage {
             path: path.to_path_buf(),
             file,
             writable: true,
-            poisoned: false,
-            tree: MerkleTree::new(ChunkHashes::new(size_bytes, chunk_size, leaves)?),
+            size: size_bytes,
+            chunk_size,
+            poisoned: AtomicBool::new(false),
+            hashes: Hashes::new(ChunkHashes::new(size_bytes, chunk_size, leaves)?),
             written: Arc::default(),
         })
     }
@@ -158,8 +177,10 @@ impl DiskImage {
             path: path.to_path_buf(),
             file,
             writable,
-            poisoned: false,
-            tree: MerkleTree::new(ChunkHashes::new(size, chunk_size, leaves)?),
+            size,
+            chunk_size,
+            poisoned: AtomicBool::new(false),
+            hashes: Hashes::new(ChunkHashes::new(size, chunk_size, leaves)?),
             written: Arc::default(),
         })
     }
@@ -171,37 +192,63 @@ impl DiskImage {
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.tree.leaves().size()
+        self.size
     }
 
     /// Chunk size in bytes.
     pub fn chunk_size(&self) -> u64 {
-        self.tree.leaves().chunk_size()
+        self.chunk_size
     }
 
     /// Number of chunks (the last may be shorter than the chunk size).
     pub fn chunk_count(&self) -> u64 {
-        self.tree.leaves().len()
+        chunk_count(self.size, self.chunk_size)
     }
 
     /// Length in bytes of chunk `index` (0 past the end).
     pub fn chunk_len(&self, index: u64) -> u64 {
-        let range = self
-            .tree
-            .leaves()
-            .byte_range(&(index..index.saturating_add(1)));
-        range.end - range.start
+        let start = index.saturating_mul(self.chunk_size).min(self.size);
+        let end = index
+            .saturating_add(1)
+            .saturating_mul(self.chunk_size)
+            .min(self.size);
+        end - start
     }
 
     /// The current leaf hashes (to send to the other site).
-    pub fn chunk_hashes(&self) -> &ChunkHashes {
-        self.tree.leaves()
+    pub fn chunk_hashes(&self) -> ChunkHashes {
+        self.settled().tree.leaves().clone()
     }
 
-    /// The current Merkle root (see `docs/storage.md`), kept up to date by
-    /// every write.
+    /// The current Merkle root (see `docs/storage.md`) of what the file
+    /// holds after every write so far.
     pub fn merkle_root(&self) -> Hash32 {
-        self.tree.root()
+        self.settled().tree.root()
+    }
+
+    fn lock_hashes(&self) -> MutexGuard<'_, Hashes> {
+        self.hashes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The hashes with every stale leaf computed again from the file. If
+    /// the file cannot be read, the image is poisoned (every later call
+    /// fails, so the machine using it stops) and the leaf stays stale.
+    fn settled(&self) -> MutexGuard<'_, Hashes> {
+        let mut h = self.lock_hashes();
+        while let Some(index) = h.stale.first().copied() {
+            match self.rehash_from_file(index, "read back to hash") {
+                Ok(hash) => {
+                    h.tree.set_leaf(index as usize, hash);
+                    h.stale.remove(&index);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot hash a written chunk; the disk refuses further use");
+                    self.poisoned.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+        }
+        h
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -233,25 +280,33 @@ impl DiskImage {
         self.written.note(chunks.clone());
         match written {
             Ok(()) => {
+                let h = self.hashes.get_mut().unwrap_or_else(|p| p.into_inner());
                 for index in chunks {
-                    let range = self.tree.leaves().byte_range(&(index..index + 1));
-                    let hash = if range.start >= offset && range.end <= end {
-                        let from = (range.start - offset) as usize;
-                        let to = (range.end - offset) as usize;
-                        leaf_hash(index, &data[from..to])
+                    let start = index * cs;
+                    let stop = (start + cs).min(self.size);
+                    if start >= offset && stop <= end {
+                        let from = (start - offset) as usize;
+                        let to = (stop - offset) as usize;
+                        h.tree
+                            .set_leaf(index as usize, leaf_hash(index, &data[from..to]));
+                        h.stale.remove(&index);
                     } else {
-                        self.rehash_from_file(index, "read back after write")?
-                    };
-                    self.tree.set_leaf(index as usize, hash);
+                        // Hashed from the file when the hashes are read.
+                        h.stale.insert(index);
+                    }
                 }
                 Ok(())
             }
             Err(source) => {
                 for index in chunks {
                     match self.rehash_from_file(index, "read back after failed write") {
-                        Ok(hash) => self.tree.set_leaf(index as usize, hash),
+                        Ok(hash) => {
+                            let h = self.hashes.get_mut().unwrap_or_else(|p| p.into_inner());
+                            h.tree.set_leaf(index as usize, hash);
+                            h.stale.remove(&index);
+                        }
                         Err(_) => {
-                            self.poisoned = true;
+                            self.poisoned.store(true, Ordering::SeqCst);
                             break;
                         }
                     }
@@ -272,9 +327,8 @@ impl DiskImage {
     /// Reads all of chunk `index` (for sync).
     pub fn read_chunk(&self, index: u64) -> Result<Vec<u8>, StorageError> {
         self.check_chunk("read_chunk", index)?;
-        let range = self.tree.leaves().byte_range(&(index..index + 1));
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
-        self.read_at(range.start, &mut buf)?;
+        let mut buf = vec![0u8; self.chunk_len(index) as usize];
+        self.read_at(index * self.chunk_size, &mut buf)?;
         Ok(buf)
     }
 
@@ -296,10 +350,9 @@ impl DiskImage {
     }
 
     fn rehash_from_file(&self, index: u64, op: &'static str) -> Result<Hash32, StorageError> {
-        let range = self.tree.leaves().byte_range(&(index..index + 1));
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        let mut buf = vec![0u8; self.chunk_len(index) as usize];
         self.file
-            .read_exact_at(&mut buf, range.start)
+            .read_exact_at(&mut buf, index * self.chunk_size)
             .map_err(|e| self.io_err(op, e))?;
         Ok(leaf_hash(index, &buf))
     }
@@ -313,7 +366,7 @@ impl DiskImage {
     }
 
     fn check_usable(&self, op: &'static str) -> Result<(), StorageError> {
-        if self.poisoned {
+        if self.poisoned.load(Ordering::SeqCst) {
             return Err(StorageError::Poisoned {
                 path: self.path.clone(),
                 op,
@@ -357,6 +410,15 @@ impl DiskImage {
             });
         }
         Ok(())
+    }
+}
+
+impl Hashes {
+    fn new(leaves: ChunkHashes) -> Mutex<Hashes> {
+        Mutex::new(Hashes {
+            tree: MerkleTree::new(leaves),
+            stale: BTreeSet::new(),
+        })
     }
 }
 
@@ -470,7 +532,28 @@ mod tests {
             .map(|(i, c)| leaf_hash(i as u64, c))
             .collect();
         let scratch = ChunkHashes::new(size, 512, leaves).unwrap();
-        assert_eq!(&scratch, reopened.chunk_hashes());
+        assert_eq!(scratch, reopened.chunk_hashes());
+    }
+
+    /// Partial writes leave their chunk stale; reading the root brings it
+    /// up to date, and a whole-chunk write over a stale chunk replaces it.
+    #[test]
+    fn stale_chunks_are_hashed_when_the_root_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = DiskImage::create(dir.path().join("a"), 8 * 1024, 1024).unwrap();
+        for i in 0..10u64 {
+            a.write_at(2048 + i * 7, &[i as u8 + 1; 7]).unwrap();
+        }
+        a.write_at(4096 + 1000, &[9u8; 100]).unwrap();
+        a.write_at(5 * 1024, &[3u8; 1024]).unwrap();
+        let root = a.merkle_root();
+        // The same bytes, hashed from scratch.
+        let reopened = DiskImage::open_read_only(dir.path().join("a"), 1024).unwrap();
+        assert_eq!(root, reopened.merkle_root());
+        assert_eq!(a.chunk_hashes(), reopened.chunk_hashes());
+        // A later partial write into a settled chunk is seen too.
+        a.write_at(2048, b"x").unwrap();
+        assert_ne!(a.merkle_root(), root);
     }
 
     #[test]
@@ -486,7 +569,7 @@ mod tests {
         b.write_at(3 * 1024 + 17, b"x").unwrap();
         b.write_at(10 * 1024 + 1000, &[7u8; 2000]).unwrap();
         b.write_at(64 * 1024 - 1, b"z").unwrap();
-        let d = crate::diff(a.chunk_hashes(), b.chunk_hashes()).unwrap();
+        let d = crate::diff(&a.chunk_hashes(), &b.chunk_hashes()).unwrap();
         assert_eq!(d, vec![3..4, 10..13, 63..64]);
         assert_eq!(a.chunk_hashes().byte_range(&d[1]), 10240..13312);
         // Syncing those chunks makes the disks equal.
@@ -501,7 +584,7 @@ mod tests {
             }
         }
         assert_eq!(a.merkle_root(), b.merkle_root());
-        assert!(crate::diff(a.chunk_hashes(), b.chunk_hashes())
+        assert!(crate::diff(&a.chunk_hashes(), &b.chunk_hashes())
             .unwrap()
             .is_empty());
     }

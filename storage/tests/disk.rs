@@ -47,7 +47,7 @@ fn two_sites_sync_by_diff_in_one_round_trip() {
     // The backup sends its encoded hashes; the primary decodes and diffs.
     let wire = backup.chunk_hashes().encode();
     let theirs = ChunkHashes::decode(&wire).unwrap();
-    let ranges = diff(primary.chunk_hashes(), &theirs).unwrap();
+    let ranges = diff(&primary.chunk_hashes(), &theirs).unwrap();
     assert_eq!(ranges, vec![0..2, 15..16, 31..32]);
     for index in ranges.iter().flat_map(|r| r.clone()) {
         let chunk = primary.read_chunk(index).unwrap();

@@ -63,7 +63,7 @@ pub fn disk_root(img: &Path) -> Result<String> {
 pub fn changed_bytes(a: &Path, b: &Path) -> Result<u64> {
     let a = DiskImage::open_read_only(a, CHUNK)?;
     let b = DiskImage::open_read_only(b, CHUNK)?;
-    Ok(merkle::diff(a.chunk_hashes(), b.chunk_hashes())?
+    Ok(merkle::diff(&a.chunk_hashes(), &b.chunk_hashes())?
         .iter()
         .map(|r| (r.end - r.start) * CHUNK)
         .sum())

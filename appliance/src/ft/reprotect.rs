@@ -329,7 +329,7 @@ async fn serve_copy(
     if let Some(d) = &src.disk {
         let (path, cs) = (d.path.clone(), d.chunk_size);
         let ours = tokio::task::spawn_blocking(move || {
-            DiskImage::open_read_only(&path, cs).map(|i| i.chunk_hashes().clone())
+            DiskImage::open_read_only(&path, cs).map(|i| i.chunk_hashes())
         })
         .await
         .map_err(|e| e.to_string())?
@@ -544,7 +544,7 @@ pub async fn receive(
         }
         None => None,
     };
-    let hashes: Option<ChunkHashes> = disk.as_ref().map(|d| d.chunk_hashes().clone());
+    let hashes: Option<ChunkHashes> = disk.as_ref().map(|d| d.chunk_hashes());
     let groups = hashes
         .as_ref()
         .map(|h| h.group_hashes(GROUP))
