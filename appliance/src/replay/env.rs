@@ -43,16 +43,21 @@ impl fmt::Display for ExitPoint {
 }
 
 /// An input handed to the guest during an exit, besides the clock.
+///
+/// Byte payloads are (de)serialized as byte strings (`serde_bytes`): in
+/// postcard that is the same encoding as a sequence of `u8` (a varint
+/// length, then the bytes), written with one copy instead of element by
+/// element.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Input {
     /// Random bytes for a platform ENTROPY request.
-    Entropy(Vec<u8>),
+    Entropy(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The outcome of a platform WAIT: whether input arrived, and the wake time.
     Wake { input_arrived: bool, now_ns: u64 },
     /// A network frame delivered into the guest's RX queue.
-    NetRx(Vec<u8>),
+    NetRx(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Data a disk read returned (`ship` mode: the primary's bytes).
-    DiskRead(Vec<u8>),
+    DiskRead(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A disk read's length and the blake3 of its data (`backup-reads`
     /// mode: the backup reads its own disk and checks the hash).
     DiskReadHash { len: u32, hash: [u8; 32] },
@@ -286,4 +291,40 @@ pub trait Environment {
     /// The machine ended after exit `ordinal` with `outcome` and final state `digest`.
     fn finish(&mut self, ordinal: u64, outcome: &Outcome, digest: [u8; 32])
         -> Result<(), EnvError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Input` as it was encoded before its payloads became byte strings.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    enum PlainInput {
+        Entropy(Vec<u8>),
+        Wake { input_arrived: bool, now_ns: u64 },
+        NetRx(Vec<u8>),
+        DiskRead(Vec<u8>),
+        DiskReadHash { len: u32, hash: [u8; 32] },
+    }
+
+    /// Logs written before keep reading, and new ones read the same.
+    #[test]
+    fn byte_payloads_encode_as_the_plain_sequence_did() {
+        let frame: Vec<u8> = (0..=255u8).cycle().take(1500).collect();
+        let cases = [
+            (
+                Input::NetRx(frame.clone()),
+                PlainInput::NetRx(frame.clone()),
+            ),
+            (Input::DiskRead(vec![]), PlainInput::DiskRead(vec![])),
+            (Input::Entropy(vec![7; 8]), PlainInput::Entropy(vec![7; 8])),
+        ];
+        for (new, plain) in cases {
+            let a = postcard::to_stdvec(&new).unwrap();
+            let b = postcard::to_stdvec(&plain).unwrap();
+            assert_eq!(a, b);
+            assert_eq!(postcard::from_bytes::<Input>(&b).unwrap(), new);
+            assert_eq!(postcard::from_bytes::<PlainInput>(&a).unwrap(), plain);
+        }
+    }
 }
