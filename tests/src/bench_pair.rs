@@ -423,9 +423,10 @@ pub fn run(_bin_dir: &Path, quick: bool) -> Result<String> {
          trip between two sites gives. VMware FT's 0.94-0.99 are \
          throughput-bound workloads (many outstanding requests per client).\n\n\
          Where each site's CPU goes: CPU ms per request of each thread (by \
-         name: `vcpu0` runs the guest and records or replays; `ftvm-net` is \
-         the QUIC runtime, which also applies the backup's acks and writes \
-         the replies they release to the TAP; `tap-*` reads the TAP), over the same loads.\n\n{}\n\
+         name: `vcpu0` runs the guest, reads the TAP and records or replays; \
+         `ftvm-net` is the QUIC runtime, which also applies the backup's acks \
+         and writes the replies they release to the TAP), over the same \
+         loads.\n\n{}\n\
          The long run: a pair at 0 ms on 2 GiB disks under `redis-benchmark -t \
          set,get,incr,mset -r 100000 -c 20` rounds back to back, then a clean \
          stop of the primary (the backup stops at the same exit). The bench \
