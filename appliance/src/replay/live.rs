@@ -77,7 +77,9 @@ impl Waker {
         input: Option<RawFd>,
         mut ready: impl FnMut() -> bool,
     ) -> bool {
-        let deadline = Instant::now() + timeout;
+        // A guest may wait "forever" (a deadline of u64::MAX ns).
+        let start = Instant::now();
+        let deadline = start.checked_add(timeout);
         loop {
             if ready() || self.inner.kicked.swap(false, Ordering::SeqCst) {
                 return true;
@@ -85,7 +87,10 @@ impl Waker {
             if self.inner.stopping.load(Ordering::SeqCst) {
                 return false;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => timeout.saturating_sub(start.elapsed()),
+            };
             if left.is_zero() {
                 return false;
             }
@@ -394,6 +399,18 @@ mod tests {
             w.wake();
         });
         assert!(waker.wait_for(HANG, None, || false));
+        kicker.join().unwrap();
+    }
+
+    #[test]
+    fn a_wait_without_a_deadline_ends_with_a_kick() {
+        let waker = Waker::new().unwrap();
+        let w = waker.clone();
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            w.wake();
+        });
+        assert!(waker.wait_for(Duration::from_nanos(u64::MAX), None, || false));
         kicker.join().unwrap();
     }
 
