@@ -5,7 +5,7 @@
 //! KiB per write into the same chunk costs one chunk hash per digest, not
 //! one per write.
 
-use crate::merkle::{chunk_count, leaf_hash, ChunkHashes, Hash32, MerkleTree};
+use crate::merkle::{chunk_bytes, chunk_count, leaf_hash, ChunkHashes, Hash32, MerkleTree};
 use crate::{check_chunk_size, StorageError};
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -207,12 +207,17 @@ impl DiskImage {
 
     /// Length in bytes of chunk `index` (0 past the end).
     pub fn chunk_len(&self, index: u64) -> u64 {
-        let start = index.saturating_mul(self.chunk_size).min(self.size);
-        let end = index
-            .saturating_add(1)
-            .saturating_mul(self.chunk_size)
-            .min(self.size);
-        end - start
+        let r = self.chunk_range(index);
+        r.end - r.start
+    }
+
+    /// The bytes of chunk `index` (empty past the end).
+    fn chunk_range(&self, index: u64) -> std::ops::Range<u64> {
+        chunk_bytes(
+            self.size,
+            self.chunk_size,
+            &(index..index.saturating_add(1)),
+        )
     }
 
     /// The current leaf hashes (to send to the other site).
@@ -282,11 +287,10 @@ impl DiskImage {
             Ok(()) => {
                 let h = self.hashes.get_mut().unwrap_or_else(|p| p.into_inner());
                 for index in chunks {
-                    let start = index * cs;
-                    let stop = (start + cs).min(self.size);
-                    if start >= offset && stop <= end {
-                        let from = (start - offset) as usize;
-                        let to = (stop - offset) as usize;
+                    let range = chunk_bytes(self.size, cs, &(index..index + 1));
+                    if range.start >= offset && range.end <= end {
+                        let from = (range.start - offset) as usize;
+                        let to = (range.end - offset) as usize;
                         h.tree
                             .set_leaf(index as usize, leaf_hash(index, &data[from..to]));
                         h.stale.remove(&index);
@@ -327,8 +331,9 @@ impl DiskImage {
     /// Reads all of chunk `index` (for sync).
     pub fn read_chunk(&self, index: u64) -> Result<Vec<u8>, StorageError> {
         self.check_chunk("read_chunk", index)?;
-        let mut buf = vec![0u8; self.chunk_len(index) as usize];
-        self.read_at(index * self.chunk_size, &mut buf)?;
+        let range = self.chunk_range(index);
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.read_at(range.start, &mut buf)?;
         Ok(buf)
     }
 
@@ -350,9 +355,10 @@ impl DiskImage {
     }
 
     fn rehash_from_file(&self, index: u64, op: &'static str) -> Result<Hash32, StorageError> {
-        let mut buf = vec![0u8; self.chunk_len(index) as usize];
+        let range = self.chunk_range(index);
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
         self.file
-            .read_exact_at(&mut buf, index * self.chunk_size)
+            .read_exact_at(&mut buf, range.start)
             .map_err(|e| self.io_err(op, e))?;
         Ok(leaf_hash(index, &buf))
     }

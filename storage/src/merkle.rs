@@ -65,6 +65,13 @@ pub fn chunk_count(size: u64, chunk_size: u64) -> u64 {
     size.div_ceil(chunk_size)
 }
 
+/// The bytes of chunks `chunks` of a `size`-byte disk (clipped to the disk).
+pub fn chunk_bytes(size: u64, chunk_size: u64, chunks: &Range<u64>) -> Range<u64> {
+    let start = chunks.start.saturating_mul(chunk_size).min(size);
+    let end = chunks.end.saturating_mul(chunk_size).min(size);
+    start..end
+}
+
 fn parent_level(level: &[Hash32]) -> Vec<Hash32> {
     level
         .chunks(2)
@@ -138,9 +145,7 @@ impl ChunkHashes {
 
     /// The bytes covered by a range of chunk indices (clamped to the disk size).
     pub fn byte_range(&self, chunks: &Range<u64>) -> Range<u64> {
-        let start = chunks.start.saturating_mul(self.chunk_size).min(self.size);
-        let end = chunks.end.saturating_mul(self.chunk_size).min(self.size);
-        start..end
+        chunk_bytes(self.size, self.chunk_size, chunks)
     }
 
     /// One hash per group of `group` consecutive leaves (the last group may
