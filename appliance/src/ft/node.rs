@@ -174,7 +174,9 @@ struct Node {
     /// One witness client for the node's life: its connection is kept warm
     /// by status polls, so a claim costs a request, not a handshake.
     witness: Arc<dyn ftvm_witness::WitnessBackend>,
-    /// Tells the tokio tasks the node is stopping.
+    /// Tells the node's tokio tasks (witness polls, claims) that the node
+    /// has ended: sent once, when the node is dropped. A fence is not an
+    /// end: a fenced node runs on as a follower and may claim again.
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
     progress: SharedProgress,
@@ -185,6 +187,14 @@ struct Node {
     join_source: Option<JoinSource>,
     /// This node's TAP, for the output gate once it is live.
     tap: Option<TapWriter>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // The node's life ended (whichever path): its tasks end with it,
+        // and a claim still retrying gives up.
+        let _ = self.stop_tx.send(true);
+    }
 }
 
 fn disk_reads(mode: DiskReadsMode) -> DiskReads {
@@ -540,10 +550,7 @@ impl Node {
         loop {
             match self.events.recv() {
                 Ok(NodeEvent::Claimed(r)) => return Some(r),
-                Ok(NodeEvent::Signal(_)) | Err(_) => {
-                    let _ = self.stop_tx.send(true);
-                    return None;
-                }
+                Ok(NodeEvent::Signal(_)) | Err(_) => return None,
                 Ok(NodeEvent::Command(_, reply)) => {
                     let _ = reply.send(Err("the node is starting".into()));
                 }
@@ -813,7 +820,6 @@ impl Node {
                 Some(Ok(p)) => break (f, p),
                 None => {
                     let _ = f.link_stop.send(true);
-                    let _ = self.stop_tx.send(true);
                     return Ok(match fenced {
                         Some(r) => NodeOutcome::Fenced(r),
                         None => NodeOutcome::Stopped,
@@ -929,17 +935,25 @@ impl Node {
         vcpu: std::thread::JoinHandle<(Machine, FtEnv)>,
     ) -> Result<NodeOutcome, NodeError> {
         let mut stopping = false;
+        // The detector's turn comes every TICK, however busy the event
+        // channel is: a stream of events must not delay a failover.
+        let mut next_tick = Instant::now() + TICK;
         let end = loop {
-            let ev = match self.events.recv_timeout(TICK) {
-                Ok(ev) => ev,
-                Err(RecvTimeoutError::Timeout) => {
-                    if !stopping {
-                        if let Some(reason) = self.tick(&mut parts)? {
-                            break LoopEnd::Fenced(reason);
-                        }
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + TICK;
+                if !stopping {
+                    if let Some(reason) = self.tick(&mut parts)? {
+                        break LoopEnd::Fenced(reason);
                     }
-                    continue;
                 }
+            }
+            let ev = match self
+                .events
+                .recv_timeout(next_tick.saturating_duration_since(Instant::now()))
+            {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => {
                     break LoopEnd::Machine(Err(MachineError::Internal(
                         "event channel closed".into(),
@@ -1423,7 +1437,6 @@ impl Node {
         machine: Machine,
         env: FtEnv,
     ) -> Result<NodeOutcome, NodeError> {
-        let _ = self.stop_tx.send(true);
         match (end, parts) {
             (LoopEnd::Fenced(reason), parts) => {
                 if let Parts::Live(l) = &parts {

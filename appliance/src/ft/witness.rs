@@ -37,6 +37,11 @@ pub async fn claim(
     let mut attempt = 0u32;
     loop {
         if *stop.borrow() {
+            tracing::warn!(
+                epoch = epoch_seen + 1,
+                attempt,
+                "claim abandoned: the node is stopping"
+            );
             return ClaimResult::Stopped;
         }
         attempt += 1;
