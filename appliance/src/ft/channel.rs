@@ -1121,6 +1121,9 @@ impl BackupChannel {
         }
         let epoch = welcome.epoch;
         self.epoch_seen.store(epoch, Ordering::Relaxed);
+        // The welcome is the primary speaking: the node's failure detector
+        // starts from here, not from before a copy or a partition.
+        self.link.touch();
         if let Some(tx) = welcome_out.take() {
             let paired = match joined.take() {
                 Some(state) => Paired::Joined {
