@@ -505,13 +505,8 @@ impl Lab {
         let mut out = String::new();
         for name in files {
             let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(n)..];
-            out.push_str(&format!(
-                "--- {name} (last {} lines)\n{}\n",
-                tail.len(),
-                tail.join("\n")
-            ));
+            let (tail, kept) = last_lines(&text, n);
+            out.push_str(&format!("--- {name} (last {kept} lines)\n{tail}\n"));
         }
         out
     }
@@ -552,6 +547,9 @@ impl Lab {
             .args(["--clients", &clients.to_string(), "--out"])
             .arg(&out)
             .env("RUST_LOG", "info")
+            // The targets' commands (lab.sh) start this build's nodes, not
+            // whatever target/release holds.
+            .env("FTVM_BIN_DIR", bin_dir())
             .output()?;
         let report = std::fs::read_to_string(out.join("report.json")).with_context(|| {
             format!(
@@ -653,6 +651,13 @@ impl Drop for Lab {
         }
         let _ = self.script(&["down"]);
     }
+}
+
+/// The last `n` lines of `text` (joined), and how many there are.
+pub fn last_lines(text: &str, n: usize) -> (String, usize) {
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    (tail.join("\n"), tail.len())
 }
 
 /// Runs `f` on a thread that lives in network namespace `ns` (sockets it

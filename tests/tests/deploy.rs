@@ -7,7 +7,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use ftvm_appliance::drill::load::{self, Load};
-use ftvm_tests::lab::{wait_until, Lab};
+use ftvm_tests::lab::{last_lines, wait_until, Lab};
 use ftvm_tests::{ansible, site};
 use std::collections::HashMap;
 use std::io::Write;
@@ -142,7 +142,13 @@ impl Deployment<'_> {
         let (ok, text) = self.playbook(playbook, args)?;
         eprintln!("{playbook} {args:?}: {:.0?}", started.elapsed());
         let recap = ansible::recap(&text);
-        ensure!(ok && !recap.is_empty(), "{playbook} failed:\n{text}");
+        // Its end names the failed task; the whole run is in the lab's
+        // PLAYBOOK.log. Kept short so the nodes' logs below stay in view.
+        ensure!(
+            ok && !recap.is_empty(),
+            "{playbook} failed (last 60 lines):\n{}",
+            last_lines(&text, 60).0
+        );
         for (host, counts) in &recap {
             ensure!(
                 counts.get("failed") == Some(&0) && counts.get("unreachable") == Some(&0),

@@ -100,12 +100,47 @@ with_each_witness!(kill_backup:
 
 /// With etcd, cutting the sites also cuts etcd-a from etcd-b: the members
 /// keep a majority through etcd-w.
+///
+/// The drill saw the loser fenced while the sites were cut. With
+/// `ft.reprotect = "auto"` the winner then takes it back as its backup, in
+/// the same process, and that backup must be able to take over in turn:
+/// the primary is killed, and the once-fenced node goes live.
 fn partition_sites(lab: &Lab) {
+    for site in [Site::A, Site::B] {
+        lab.set_ft(site, "reprotect", "\"auto\"").unwrap();
+    }
     let it = &lab.drill("partition-sites", 1, 13)[0];
-    let live = it["live_after"].as_str().unwrap();
-    let other = if live == "a" { Site::B } else { Site::A };
-    assert_eq!(lab.status(other).unwrap()["role"], "fenced", "{it}");
+    let (winner, loser) = match it["live_after"].as_str() {
+        Some("a") => (Site::A, Site::B),
+        Some("b") => (Site::B, Site::A),
+        other => panic!("live_after is {other:?}: {it}"),
+    };
     assert_etcd_holder(lab, it);
+    let back = lab
+        .wait_status(loser, "the fenced node taken back as the backup", |v| {
+            v["role"] == "backup"
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(
+        back["role_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("rejoined")),
+        "{back}"
+    );
+    lab.wait_status(winner, "the winner protected again", |v| {
+        v["role"] == "primary"
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let next = &lab.drill("kill-primary", 1, 17)[0];
+    assert_eq!(
+        next["primary_before"], it["live_after"],
+        "the drill started a fresh pair instead: {next}"
+    );
+    assert_eq!(
+        next["live_after"],
+        loser.letter(),
+        "the node fenced by the partition, taken back, did not take over: {next}"
+    );
 }
 
 with_each_witness!(partition_sites:
